@@ -1,0 +1,37 @@
+"""runlora_fx: RunLoRA's cheapest LoRA computation chains, as a torch.fx / torch.compile pass.
+
+    torch.compile(model, backend="runlora")            # or backend=runlora_fx.make_backend(...)
+    runlora_fx.rewrite_exported_program(ep)             # torch.export programs
+    runlora_fx.explain(model, *example_inputs)          # what would be rewritten, and why
+"""
+
+from ._compat import check_torch_version
+
+check_torch_version()
+
+from . import ops  # noqa: E402  registers torch.ops.runlora.*
+from .backend import make_backend, runlora_backend  # noqa: E402
+from .cost import PiecewisePlan, PlanChoice, choose_plan  # noqa: E402
+from .explain import explain  # noqa: E402
+from .export import load, rewrite_exported_program  # noqa: E402
+from .passes.rewrite import rewrite  # noqa: E402
+from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs  # noqa: E402
+from .report import RewriteReport  # noqa: E402
+
+__all__ = [
+    "BACKWARD_PLANS",
+    "FORWARD_PLANS",
+    "Needs",
+    "PiecewisePlan",
+    "PlanChoice",
+    "RewriteReport",
+    "choose_plan",
+    "explain",
+    "load",
+    "make_backend",
+    "ops",
+    "rewrite",
+    "rewrite_exported_program",
+    "runlora_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""torch.compile backends: ``torch.compile(model, backend="runlora")``.
+
+The backend rewrites the Dynamo graph (``passes.rewrite``), then either lowers each
+``runlora.lora_linear`` into its chosen ATen chain (``lowering="aten"``, so inductor fuses
+around it) or keeps it as one opaque op (``lowering="opaque"``), then hands the graph to the
+inner compiler: inductor (default), aot_eager or eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+
+from .lowering import lower_runlora_ops
+from .passes.rewrite import rewrite
+
+__all__ = ["make_backend", "runlora_backend", "default_lowering"]
+
+log = logging.getLogger("runlora_fx")
+
+_INNER = ("inductor", "aot_eager", "eager")
+_LOWERINGS = ("aten", "opaque")
+
+
+def default_lowering(example_inputs) -> str:
+    """The lowering the benchmarks favour on the inputs' device (BENCHMARKS.md).
+
+    GPU: "aten" — an opaque op inside an inductor graph lost to plain peft + inductor.
+    CPU: "aten" as well; see BENCHMARKS.md for the measured comparison.
+    """
+    return "aten"
+
+
+def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, criterion: str = "flops",
+                 allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
+                 backward_plan: Optional[str] = None, dump_dir: Optional[str] = None,
+                 on_report: Optional[Callable] = None):
+    """Builds a Dynamo backend that applies the runlora pass.
+
+    Args:
+        inner: "inductor" (default), "aot_eager" or "eager".
+        lowering: "aten" (lower to the plan's ATen chain) or "opaque" (keep the op); None
+            picks ``default_lowering``. Ignored for ``inner="eager"`` (the op runs as is).
+        criterion, allow_merged, forward_plan, backward_plan: see ``runlora_fx.rewrite``.
+        dump_dir: write graphs before/after and reports there (also env RUNLORA_DUMP_DIR).
+        on_report: called with each graph's RewriteReport.
+
+    Returns:
+        A callable ``backend(gm, example_inputs)``; its ``reports`` list collects the reports.
+    """
+    if inner not in _INNER:
+        raise ValueError(f"runlora: inner={inner!r}, expected one of {_INNER}")
+    if lowering is not None and lowering not in _LOWERINGS:
+        raise ValueError(f"runlora: lowering={lowering!r}, expected one of {_LOWERINGS} or None")
+    reports = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        index = len(reports)
+        dump = dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
+        before = gm.print_readable(print_output=False, include_stride=False, include_device=False) if dump else None
+        report = rewrite(gm, criterion=criterion, allow_merged=allow_merged, forward_plan=forward_plan,
+                         backward_plan=backward_plan, graph_name=f"graph_{index}")
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+        if dump:
+            from .dump import dump_graph
+            dump_graph(dump, f"graph_{index}", before, gm, report)
+        mode = lowering or default_lowering(example_inputs)
+        if inner == "eager":
+            return gm.forward
+        if mode == "aten":
+            lower_runlora_ops(gm)
+        if inner == "aot_eager":
+            from torch._dynamo.backends.debugging import aot_eager
+            return aot_eager(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    backend.reports = reports
+    return backend
+
+
+def runlora_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The ``"runlora"`` Dynamo backend: the pass with default settings, then inductor."""
+    return make_backend()(gm, example_inputs)

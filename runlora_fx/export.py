@@ -1,0 +1,51 @@
+"""The ExportedProgram front door: ``rewrite_exported_program(ep)``.
+
+Works on torch.export's training IR (``aten.linear`` ...) and on the ATen IR after
+``run_decompositions()`` (``view``/``permute``/``mm``/``addmm``). The rewritten program
+holds ``runlora.lora_linear`` nodes; it runs (``.module()``), trains, survives
+``run_decompositions()`` and round-trips ``torch.export.save``/``load`` once
+``runlora_fx`` is imported (``runlora_fx.load`` checks that for you).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .passes.rewrite import rewrite
+from .report import RewriteReport
+
+__all__ = ["rewrite_exported_program", "load"]
+
+
+def _mark_parameters(ep) -> None:
+    """Records each lifted parameter's requires_grad on its placeholder (fake values may not)."""
+    params = dict(ep.named_parameters())
+    params.update(ep.named_buffers())
+    lifted = {**ep.graph_signature.inputs_to_parameters, **ep.graph_signature.inputs_to_buffers}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in lifted:
+            t = params.get(lifted[node.name])
+            if t is not None:
+                node.meta["runlora_requires_grad"] = bool(t.requires_grad)
+
+
+def rewrite_exported_program(ep: torch.export.ExportedProgram, **options) -> torch.export.ExportedProgram:
+    """Rewrites the LoRA sites of ``ep`` in place and returns it.
+
+    Args:
+        ep: an ExportedProgram (training IR or decomposed).
+        **options: as for ``runlora_fx.rewrite`` (allow_merged, forward_plan, ...).
+
+    Returns:
+        ``ep`` itself, with ``ep.runlora_report`` set to the RewriteReport.
+    """
+    _mark_parameters(ep)
+    report: RewriteReport = rewrite(ep.graph_module, graph_name=options.pop("graph_name", "exported_program"),
+                                    **options)
+    ep.runlora_report = report
+    return ep
+
+
+def load(path, **kwargs) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with runlora's ops registered (importing this module did that)."""
+    return torch.export.load(path, **kwargs)

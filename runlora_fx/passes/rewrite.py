@@ -1,0 +1,228 @@
+"""Rewrite matched LoRA sites into ``runlora.lora_linear``.
+
+Matches (any dialect; see ``match.py``)::
+
+    base = torch._C._nn.linear(x, W, b)
+    xa   = torch._C._nn.linear(x_lora, A)
+    lora = torch._C._nn.linear(xa, B) * 2.0
+    y    = base + lora
+
+Rewrite to::
+
+    y = torch.ops.runlora.lora_linear.default(x, W, b, A, B, 2.0, x_lora, None, 'forward2', 'backward5')
+
+The new node takes the add's metadata (``val``/``example_value``, ``stack_trace``,
+``nn_module_stack``). On any internal error the graph is restored, a warning names the
+reason, and the report lists no site: the user's compile goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from typing import Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .._compat import detect_fake_mode, size_hint
+from ..cost import choose_plan, parse_plan
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS
+from ..report import RewriteReport, SiteReport, cost_entry
+from .match import LoraSite, find_sites
+from .normalize import WeightRef, meta_value
+
+__all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged"]
+
+log = logging.getLogger("runlora_fx.passes")
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def default_allow_merged(dtype: torch.dtype) -> bool:
+    """Merged plans (W + sBA) are the default only where W's dtype keeps small deltas.
+
+    In bf16/fp16 an update sBA under half an ulp of W's element rounds away entirely; see
+    the README's numerics section. Pass ``allow_merged=True`` to use them anyway.
+    """
+    return dtype not in _LOW_PRECISION
+
+
+def plan_site(site: LoraSite, *, allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
+              backward_plan: Optional[str] = None):
+    """Chooses (PlanChoice) for a site, honouring a fixed forward/backward plan if given."""
+    merged_ok = default_allow_merged(site.dtype) if allow_merged is None else allow_merged
+    choice = choose_plan(
+        site.n, site.i, site.o, site.r, needs=site.needs, separate_lora_input=site.separate_lora_input,
+        mixed_dtype=site.mixed_dtype, allow_merged=merged_ok, n_hint=site_n_hint(site),
+    )
+    if forward_plan is not None or backward_plan is not None:
+        choice = dataclasses.replace(
+            choice,
+            forward=parse_plan(forward_plan) if forward_plan else choice.forward,
+            backward=parse_plan(backward_plan) if backward_plan else choice.backward,
+            criterion="fixed",
+        )
+    return choice
+
+
+def site_n_hint(site: LoraSite) -> Optional[int]:
+    val = meta_value(site.x)
+    try:
+        return int(math.prod(size_hint(s) for s in val.shape[:-1]))
+    except Exception:  # noqa: BLE001 - a hint is optional
+        return None
+
+
+def _site_report(site: LoraSite, choice) -> SiteReport:
+    hint = site_n_hint(site)
+    n_expr = sympy.sympify(site.n)
+    hint_subs = {}
+    if n_expr.free_symbols and hint is not None:
+        val = meta_value(site.x)
+        for size in val.shape[:-1]:
+            if isinstance(size, torch.SymInt):
+                expr = sympy.sympify(size.node.expr)
+                if expr.is_Symbol:
+                    hint_subs[expr] = size_hint(size)
+    n_at = hint if hint is not None else None
+    f_name = choice.forward.at(n_at) if n_at is not None else choice.forward.pieces[0][1]
+    b_name = choice.backward.at(n_at) if n_at is not None else choice.backward.pieces[0][1]
+    f_costs = {k: cost_entry(v, hint_subs) for k, v in choice.forward_costs.items()}
+    b_costs = {k: cost_entry(v, hint_subs) for k, v in choice.backward_costs.items()}
+    original = chosen = None
+    if f_costs["forward1"]["value"] is not None and b_costs.get("backward1", {}).get("value") is not None:
+        original = f_costs["forward1"]["value"] + b_costs["backward1"]["value"]
+        f_val = _plan_flops(site, "forward", f_name, hint)
+        b_val = _plan_flops(site, "backward", b_name, hint)
+        chosen = f_val + b_val
+    act = None
+    if hint is not None:
+        a_bytes = torch.empty((), dtype=site.adapter_dtype or site.dtype).element_size()
+        x_bytes = torch.empty((), dtype=site.dtype).element_size()
+        act = hint * site.r * a_bytes  # x@A is recomputed, never saved
+        if site.mixed_dtype and not site.separate_lora_input:
+            act += hint * site.i * (a_bytes - x_bytes)  # x saved instead of its cast copy
+    return SiteReport(
+        path=site.path, node=site.add.name, n=str(site.n), n_hint=hint, i=site.i, o=site.o, r=site.r,
+        dtype=str(site.dtype).replace("torch.", ""),
+        adapter_dtype=None if site.adapter_dtype is None else str(site.adapter_dtype).replace("torch.", ""),
+        separate_lora_input=site.separate_lora_input,
+        needs={"x": site.needs.x, "lora_A": site.needs.lora_A, "lora_B": site.needs.lora_B},
+        forward_plan=str(choice.forward), backward_plan=str(choice.backward),
+        forward_costs=f_costs, backward_costs=b_costs,
+        original_flops=original, chosen_flops=chosen, activation_bytes_saved=act,
+    )
+
+
+def _plan_flops(site: LoraSite, kind: str, name: str, n_value: int) -> int:
+    if kind == "forward":
+        return int(FORWARD_PLANS[name].flops(n_value, site.i, site.o, site.r))
+    return int(BACKWARD_PLANS[name].flops(n_value, site.i, site.o, site.r, site.needs))
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
+    """Replaces each site's add by one ``runlora.lora_linear`` node (mutates ``gm``)."""
+    graph = gm.graph
+    for site, choice in zip(sites, choices):
+        add = site.add
+        with graph.inserting_before(add):
+            weight = _weight_arg(graph, site.base.weight, add)
+            bias = site.base.bias
+            if site.base.weight.node.op == "call_module":
+                mod = gm.get_submodule(site.base.weight.node.target)
+                bias = None if mod.bias is None else graph.get_attr(f"{site.base.weight.node.target}.bias")
+            args = (
+                site.x, weight, bias,
+                _weight_arg(graph, site.lora.a.weight, add), _weight_arg(graph, site.lora.b.weight, add),
+                float(site.lora.scaling), site.x_lora, site.adapter_dtype,
+                str(choice.forward), str(choice.backward),
+            )
+            new = graph.call_function(torch.ops.runlora.lora_linear.default, args)
+            new.meta.update(add.meta)
+            out = new
+            if site.lora_bias is not None:
+                scaled = _call(graph, torch.ops.aten.mul.Tensor, (site.lora_bias, float(site.lora.scaling)), add)
+                out = _call(graph, torch.ops.aten.add.Tensor, (new, scaled), add)
+                out.meta.update({k: v for k, v in add.meta.items() if k not in ("val", "example_value")})
+                _set_value(out, meta_value(add), add)
+        add.replace_all_uses_with(out)
+        for node in [add, *site.base.nodes, *site.lora.nodes]:
+            if node.graph is graph and not node.users:
+                graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
+def _value_key(like: fx.Node) -> str:
+    return "example_value" if "example_value" in like.meta else "val"
+
+
+def _set_value(node: fx.Node, value, like: fx.Node) -> None:
+    if value is not None:
+        node.meta[_value_key(like)] = value
+
+
+def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
+    """A new node with ``like``'s provenance and its fake value computed from its inputs."""
+    node = graph.call_function(target, args)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    vals = [meta_value(a) if isinstance(a, fx.Node) else a for a in args]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is not None:
+        with mode:
+            _set_value(node, target(*vals), like)
+    return node
+
+
+def _weight_arg(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
+    node = ref.node
+    if node.op == "call_module":
+        node = graph.get_attr(f"{node.target}.weight")
+    if ref.transposed:
+        return _call(graph, torch.ops.aten.permute.default, (node, [1, 0]), like)
+    return node
+
+
+def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
+            forward_plan: Optional[str] = None, backward_plan: Optional[str] = None,
+            graph_name: str = "graph", dry_run: bool = False) -> RewriteReport:
+    """Rewrites every legal LoRA site of ``gm`` in place and reports what it did.
+
+    Args:
+        gm: a GraphModule with shape metadata (Dynamo, torch.export, or ShapeProp).
+        criterion: how plans are chosen; "flops" (sympy FLOPs) is the one implemented.
+        allow_merged: allow plans that form W + sBA; default: yes in fp32/fp64, no in bf16/fp16.
+        forward_plan, backward_plan: force a plan (string as the op takes) for every site.
+        graph_name: label for the report.
+        dry_run: match and choose only; leave the graph unchanged.
+
+    Returns:
+        RewriteReport. On an internal error: a warning, the graph unchanged, an empty report.
+    """
+    if criterion != "flops":
+        raise ValueError(f"runlora: criterion {criterion!r} is not available; expected 'flops'")
+    report = RewriteReport(graph=graph_name, criterion=criterion)
+    backup = fx.Graph(owning_module=gm)
+    output = backup.graph_copy(gm.graph, {})
+    backup.output(output)
+    try:
+        sites, report.rejected = find_sites(gm.graph)
+        choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan)
+                   for s in sites]
+        report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
+        if not dry_run and sites:
+            rewrite_sites(gm, sites, choices)
+    except Exception as exc:  # noqa: BLE001 - the pass must never break a user's compile
+        warnings.warn(f"runlora: pass failed, graph left unchanged ({type(exc).__name__}: {exc})", stacklevel=2)
+        log.debug("runlora pass failure", exc_info=True)
+        gm.graph = backup
+        gm.recompile()
+        return RewriteReport(graph=graph_name, criterion=criterion)
+    log.info("%s", report.summary())
+    return report

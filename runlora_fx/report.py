@@ -1,0 +1,191 @@
+"""RewriteReport: what the pass matched, what it chose and why, and what that saves.
+
+Schema of ``to_dict()`` (version 1, stable; new keys may be added, none removed)::
+
+    {"schema": 1, "graph": str, "criterion": str,
+     "sites": [{"path", "node", "n", "n_hint", "i", "o", "r", "dtype", "adapter_dtype",
+                "separate_lora_input", "needs": {"x", "lora_A", "lora_B"},
+                "forward_plan", "backward_plan",
+                "forward_costs": {plan: {"expr": str, "value": int|null}},
+                "backward_costs": {plan: {"expr": str, "value": int|null}},
+                "original_flops", "chosen_flops", "flops_saved_pct", "activation_bytes_saved"}],
+     "rejected": [{"path", "node", "reason"}],
+     "totals": {"sites", "rejected", "original_flops", "chosen_flops", "flops_saved_pct",
+                "activation_bytes_saved", "plans": {"forward/backward": count}}}
+
+Values at the size hint are null when a size is symbolic and no hint is known.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Optional
+
+import sympy
+
+__all__ = ["SiteReport", "RewriteReport"]
+
+
+@dataclasses.dataclass
+class SiteReport:
+    """One rewritten site."""
+
+    path: str
+    node: str
+    n: str
+    n_hint: Optional[int]
+    i: int
+    o: int
+    r: int
+    dtype: str
+    adapter_dtype: Optional[str]
+    separate_lora_input: bool
+    needs: dict
+    forward_plan: str
+    backward_plan: str
+    forward_costs: dict
+    backward_costs: dict
+    original_flops: Optional[int]
+    chosen_flops: Optional[int]
+    activation_bytes_saved: Optional[int]
+
+    @property
+    def flops_saved_pct(self) -> Optional[float]:
+        if not self.original_flops or self.chosen_flops is None:
+            return None
+        return 100.0 * (self.original_flops - self.chosen_flops) / self.original_flops
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """All sites of one graph (or several, merged with ``extend``)."""
+
+    graph: str = "graph"
+    criterion: str = "flops"
+    sites: list = dataclasses.field(default_factory=list)
+    rejected: list = dataclasses.field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return len(self.sites)
+
+    def extend(self, other: "RewriteReport") -> None:
+        self.sites.extend(other.sites)
+        self.rejected.extend(other.rejected)
+
+    def plan_counts(self) -> dict:
+        return dict(collections.Counter(f"{s.forward_plan}/{s.backward_plan}" for s in self.sites))
+
+    def totals(self) -> dict:
+        orig = [s.original_flops for s in self.sites]
+        chosen = [s.chosen_flops for s in self.sites]
+        known = None not in orig and None not in chosen
+        o_sum, c_sum = (sum(orig), sum(chosen)) if known else (None, None)
+        saved = [s.activation_bytes_saved for s in self.sites]
+        return {
+            "sites": len(self.sites),
+            "rejected": len(self.rejected),
+            "original_flops": o_sum,
+            "chosen_flops": c_sum,
+            "flops_saved_pct": (100.0 * (o_sum - c_sum) / o_sum) if known and o_sum else None,
+            "activation_bytes_saved": sum(saved) if None not in saved else None,
+            "plans": self.plan_counts(),
+        }
+
+    def summary(self) -> str:
+        """One line, as logged per compiled graph."""
+        t = self.totals()
+        total = t["sites"] + t["rejected"]
+        plans = ", ".join(f"{k}: {v}" for k, v in sorted(t["plans"].items()))
+        line = f"runlora: rewrote {t['sites']}/{total} LoRA sites"
+        if plans:
+            line += f" ({plans})"
+        if t["flops_saved_pct"] is not None:
+            line += f"; est. {-t['flops_saved_pct'] + 0.0:+.1f}% LoRA-layer FLOPs"
+        if t["activation_bytes_saved"]:
+            line += f"; -{_bytes(t['activation_bytes_saved'])} saved activations"
+        return line
+
+    def to_dict(self) -> dict:
+        sites = []
+        for s in self.sites:
+            d = dataclasses.asdict(s)
+            d["flops_saved_pct"] = s.flops_saved_pct
+            sites.append(d)
+        return {
+            "schema": 1,
+            "graph": self.graph,
+            "criterion": self.criterion,
+            "sites": sites,
+            "rejected": [dataclasses.asdict(r) for r in self.rejected],
+            "totals": self.totals(),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+
+    def _rows(self):
+        head = ["module", "n", "i", "o", "r", "dtype", "forward costs", "backward costs", "plan", "FLOPs saved", "act. saved"]
+        rows = []
+        for s in self.sites:
+            rows.append([
+                s.path, s.n if s.n_hint is None or s.n == str(s.n_hint) else f"{s.n} (~{s.n_hint})",
+                str(s.i), str(s.o), str(s.r), s.dtype + (f"->{s.adapter_dtype}" if s.adapter_dtype else ""),
+                _costs(s.forward_costs), _costs(s.backward_costs),
+                f"{s.forward_plan} / {s.backward_plan}",
+                "-" if s.flops_saved_pct is None else f"{s.flops_saved_pct:.1f}%",
+                "-" if s.activation_bytes_saved is None else _bytes(s.activation_bytes_saved),
+            ])
+        return head, rows
+
+    def to_markdown(self) -> str:
+        head, rows = self._rows()
+        out = [f"### {self.graph} (criterion: {self.criterion})", "", "| " + " | ".join(head) + " |",
+               "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        if self.rejected:
+            out += ["", "Left alone:", ""] + [f"- `{r.path}` ({r.node}): {r.reason}" for r in self.rejected]
+        out += ["", self.summary()]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        head, rows = self._rows()
+        widths = [max(len(h), *(len(row[k]) for row in rows)) if rows else len(h) for k, h in enumerate(head)]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        out = [f"{self.graph} (criterion: {self.criterion})", fmt.format(*head)]
+        out += [fmt.format(*row) for row in rows]
+        if self.rejected:
+            out.append("left alone:")
+            out += [f"  {r.path} ({r.node}): {r.reason}" for r in self.rejected]
+        out.append(self.summary())
+        return "\n".join(out)
+
+
+def _costs(costs: dict) -> str:
+    return ", ".join(
+        f"{name[-1] if name[-1].isdigit() else name}={_flops(c['value']) if c['value'] is not None else c['expr']}"
+        for name, c in costs.items()
+    )
+
+
+def _flops(v: int) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return str(v)
+
+
+def _bytes(v: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v} B"
+
+
+def cost_entry(expr, hint_subs: dict) -> dict:
+    """{"expr", "value"} of one sympy cost, valued at the size hint when possible."""
+    expr = sympy.sympify(expr)
+    value = expr.subs(hint_subs) if hint_subs else expr
+    return {"expr": str(expr), "value": int(value) if value.is_number else None}
