@@ -12,7 +12,9 @@ Rewrite to::
 mm/addmm calls (``plans.py``), so AOTAutograd traces them into the joint graph and inductor
 fuses the scaling, casts and adds around them with no op boundary or per-call dispatch.
 Inductor does not reassociate matmuls, so the chosen chain survives. A piecewise plan is
-resolved on the traced n: with dynamic shapes that installs a guard at the threshold.
+resolved at the traced n's size hint without installing a guard: every plan is exact, so
+a dynamic graph stays one graph and only the plan for other n may be the costlier one (the
+opaque op, by contrast, resolves the piecewise plan on every call).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ._compat import size_hint
 from .cost import resolve_plan
 from .plans import Needs
 
@@ -32,7 +35,7 @@ class _LoweredLoRA(torch.autograd.Function):
         i, o = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
-        plan = resolve_plan(forward_plan, x2.shape[0], "forward")
+        plan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward")
         y = plan.run(x2, weight, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
         ctx.scaling, ctx.adapter_dtype, ctx.backward_plan = scaling, adapter_dtype, backward_plan
@@ -44,7 +47,7 @@ class _LoweredLoRA(torch.autograd.Function):
         need = ctx.needs_input_grad
         i, o = weight.shape[1], weight.shape[0]
         g2 = grad_y.reshape(-1, o)
-        plan = resolve_plan(ctx.backward_plan, g2.shape[0], "backward")
+        plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
         gx, gxl, ga, gb = plan.run(
             g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
             None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype,

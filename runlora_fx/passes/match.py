@@ -33,7 +33,8 @@ class LoraProduct:
 
     a: LinearView
     b: LinearView
-    scaling: float
+    scaling: float  # the constant factors
+    scale_nodes: tuple  # factors only known at run time (symbolic scalars), multiplied in
     nodes: tuple  # every node from the A-linear to the product, inclusive
 
 
@@ -103,11 +104,19 @@ def _users_within(node: fx.Node, allowed: set) -> bool:
 
 def as_lora_product(node: Any) -> Optional[LoraProduct]:
     """Reads ``node`` as ``s * linear(s' * linear(x_lora, A), B)``, or None."""
-    scaling, nodes = 1.0, []
+    scaling, scale_nodes, nodes = 1.0, [], []
+
+    def take(c):
+        nonlocal scaling
+        if isinstance(c, fx.Node):
+            scale_nodes.append(c)
+        else:
+            scaling *= c
+
     while (scaled := as_scale(node)) is not None:
         nodes.append(node)
         node, c = scaled
-        scaling *= c
+        take(c)
     b = as_linear(node)
     if b is None:
         return None
@@ -115,14 +124,14 @@ def as_lora_product(node: Any) -> Optional[LoraProduct]:
     while (scaled := as_scale(inner)) is not None:
         nodes.append(inner)
         inner, c = scaled
-        scaling *= c
+        take(c)
     a = as_linear(inner)
     if a is None:
         return None
     a_val, b_val = meta_value(a.out), meta_value(b.out)
     if getattr(a_val, "shape", None) is None or getattr(b_val, "shape", None) is None:
         return None
-    return LoraProduct(a, b, scaling, tuple(dict.fromkeys(nodes + list(b.nodes) + list(a.nodes))))
+    return LoraProduct(a, b, scaling, tuple(scale_nodes), tuple(dict.fromkeys(nodes + list(b.nodes) + list(a.nodes))))
 
 
 def _weight_value(view: LinearView, which: str = "weight"):

@@ -36,7 +36,7 @@ __all__ = [
 aten = torch.ops.aten
 
 _LINEAR = {torch._C._nn.linear, F.linear, aten.linear.default}
-_MATMUL = {operator.matmul, torch.matmul, aten.matmul.default, torch.mm, aten.mm.default}
+_MATMUL = {operator.matmul, torch.matmul, aten.matmul.default}
 _ADDMM = {torch.addmm, aten.addmm.default}
 _ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
 _MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
@@ -222,14 +222,22 @@ def _owning_module(node: fx.Node):
         return None
 
 
-def as_scale(node: Any) -> Optional[tuple[Any, float]]:
-    """Reads ``node`` as ``t * c`` or ``c * t`` with a Python number c: returns (t, c)."""
+def as_scale(node: Any) -> Optional[tuple[Any, Any]]:
+    """Reads ``node`` as ``t * c`` or ``c * t`` with t a tensor and c a scalar: returns (t, c).
+
+    c is a Python number, or a node whose value is a Python scalar: Dynamo lifts peft's
+    ``scaling`` dict entry to a 0-d tensor input read with ``.item()`` under dynamic shapes.
+    """
     if not _is_call(node, _MUL, ("mul", "__mul__")) or len(node.args) != 2:
         return None
     a, b = node.args
     for t, c in ((a, b), (b, a)):
-        if isinstance(t, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool):
+        if not isinstance(t, fx.Node) or not isinstance(meta_value(t), torch.Tensor):
+            continue
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
             return t, float(c)
+        if isinstance(c, fx.Node) and isinstance(meta_value(c), (torch.SymFloat, torch.SymInt, float, int)):
+            return t, c
     return None
 
 

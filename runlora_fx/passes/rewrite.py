@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import math
 import warnings
 from typing import Optional
@@ -138,14 +139,14 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
             args = (
                 site.x, weight, bias,
                 _weight_arg(graph, site.lora.a.weight, add), _weight_arg(graph, site.lora.b.weight, add),
-                float(site.lora.scaling), site.x_lora, site.adapter_dtype,
+                _scaling_arg(graph, site, add), site.x_lora, site.adapter_dtype,
                 str(choice.forward), str(choice.backward),
             )
             new = graph.call_function(torch.ops.runlora.lora_linear.default, args)
             new.meta.update(add.meta)
             out = new
             if site.lora_bias is not None:
-                scaled = _call(graph, torch.ops.aten.mul.Tensor, (site.lora_bias, float(site.lora.scaling)), add)
+                scaled = _call(graph, torch.ops.aten.mul.Tensor, (site.lora_bias, args[5]), add)
                 out = _call(graph, torch.ops.aten.add.Tensor, (new, scaled), add)
                 out.meta.update({k: v for k, v in add.meta.items() if k not in ("val", "example_value")})
                 _set_value(out, meta_value(add), add)
@@ -178,6 +179,19 @@ def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
         with mode:
             _set_value(node, target(*vals), like)
     return node
+
+
+def _scaling_arg(graph: fx.Graph, site: LoraSite, like: fx.Node):
+    """The op's scaling: a float, or a node multiplying the run-time scalar factors."""
+    const = float(site.lora.scaling)
+    if not site.lora.scale_nodes:
+        return const
+    scale = site.lora.scale_nodes[0]
+    for factor in list(site.lora.scale_nodes[1:]) + ([const] if const != 1.0 else []):
+        product = graph.call_function(operator.mul, (scale, factor))
+        product.meta[_value_key(like)] = meta_value(scale) * meta_value(factor)
+        scale = product
+    return scale
 
 
 def _weight_arg(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
