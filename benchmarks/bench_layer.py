@@ -275,18 +275,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     warmup = args.warmup or (2 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 10 if args.device == "cuda" else 5)
     wanted = args.modes.split(",") if args.modes else None
-    rows = []
+    env = common.environment(args.device)
+    command = ["benchmarks/bench_layer.py"] + list(sys.argv[1:] if argv is None else argv)
+    rows: list = []
     for spec in specs:
         p = parse_point(spec, dtype)
         print(f"# {p.label}: {len(modes_for(p, wanted))} modes", file=sys.stderr, flush=True)
         point_rows = run_point(p, modes_for(p, wanted), args.device, args.inner, warmup, repeats)
         add_ratios(point_rows, p)
         rows += point_rows
-    table = common.markdown_table(rows, COLUMNS)
+        table = common.markdown_table(rows, COLUMNS)  # written after every point: a cut-short run keeps them
+        common.write_outputs(rows=rows, env=env, argv=command, table=table, json_path=args.json,
+                             md_path=args.md, title="LoRA layer, forward + backward")
     print(table)
-    common.write_outputs(rows=rows, env=common.environment(args.device), argv=["benchmarks/bench_layer.py"]
-                         + list(sys.argv[1:] if argv is None else argv), table=table,
-                         json_path=args.json, md_path=args.md, title="LoRA layer, forward + backward")
     return rows
 
 

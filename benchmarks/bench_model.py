@@ -16,6 +16,8 @@ but the output head. Modes:
     peft_inductor     torch.compile(peft model) (inductor)
     runlora           torch.compile(peft model, backend=runlora_fx.make_backend())
     runlora_opaque    the same with lowering="opaque" (the op stays one kernel call)
+    runlora_eager     (not default) the pass, then the rewritten graph runs eagerly (inner="eager"):
+                      the nearest thing to RunLoRA's own eager module swap
 
 ``--dtype bfloat16`` puts the base in bf16 and keeps the adapters in bf16 (peft's
 ``autocast_adapter_dtype=False``); ``--fp32-adapters`` gives peft's default fp32 adapters.
@@ -41,7 +43,8 @@ import common  # noqa: E402
 
 import runlora_fx  # noqa: E402
 
-ALL_MODES = ["frozen_inductor", "peft_eager", "peft_inductor", "runlora", "runlora_opaque"]
+DEFAULT_MODES = ["frozen_inductor", "peft_eager", "peft_inductor", "runlora", "runlora_opaque"]
+ALL_MODES = DEFAULT_MODES + ["runlora_eager"]
 QUICK_MODEL = "llama_tiny"
 
 COLUMNS = [
@@ -161,6 +164,7 @@ def compile_model(model, mode: str, *, inner: str, allow_merged: Optional[bool])
     if mode in ("peft_inductor", "frozen_inductor"):
         return torch.compile(model, backend=inner), None
     lowering = "opaque" if mode == "runlora_opaque" else "aten"
+    inner = "eager" if mode == "runlora_eager" else inner
     backend = runlora_fx.make_backend(inner=inner, lowering=lowering, allow_merged=allow_merged)
     return torch.compile(model, backend=backend), backend
 
@@ -204,6 +208,7 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
     """Builds the model for one mode, times its training step, and returns the row."""
     spec, dtype = MODELS[name], common.DTYPES[args.dtype]
     _free(args.device)
+    before = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # leftovers, if any
     model = build_base(spec, layers=args.layers, seq=args.seq, dtype=dtype, device=args.device)
     batch = make_batch(spec, batch=args.batch, seq=args.seq, device=args.device)
     if mode == "frozen_inductor":
@@ -228,7 +233,7 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
         "rank": args.rank, "dtype": args.dtype, "adapters": "fp32" if args.fp32_adapters else args.dtype,
         "optimizer": optimizer is not None, "trainable_params": sum(p.numel() for p in trainable),
         "ms": timing.median_ms, "min_ms": timing.min_ms, "times_ms": timing.times_ms, "first_s": first_s,
-        "peak_gib": peak, "sites": sites, "plans": plans,
+        "peak_gib": peak, "allocated_before_gib": before, "sites": sites, "plans": plans,
     }
     del compiled, model, optimizer, step, batch, trainable, leaves
     _free(args.device)
@@ -250,7 +255,7 @@ def add_ratios(rows: Sequence[dict]) -> None:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", help=f"comma-separated, of: {','.join(MODELS)} (default tinyllama11)")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated, of: {','.join(ALL_MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of: {','.join(ALL_MODES)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
     parser.add_argument("--fp32-adapters", action="store_true", help="peft's default fp32 adapters on a bf16 base")
@@ -289,20 +294,21 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         raise SystemExit("bench_model: --device cuda but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    env = common.environment(args.device)
+    title = (f"LoRA training step, B={args.batch} S={args.seq} r={args.rank} {args.dtype}"
+             f" ({'fp32' if args.fp32_adapters else args.dtype} adapters)")
+    command = ["benchmarks/bench_model.py"] + list(sys.argv[1:] if argv is None else argv)
+    rows: list = []
     for name in args.models:
         for mode in args.modes:
             rows.append(run_mode(name, mode, args))
             print(f"# {name} {mode}: {rows[-1]['ms']:.1f} ms, first step {rows[-1]['first_s']:.1f} s",
                   file=sys.stderr, flush=True)
-    add_ratios(rows)
-    table = common.markdown_table(rows, COLUMNS)
+            add_ratios(rows)  # written after every mode: a run cut short keeps what it measured
+            table = common.markdown_table(rows, COLUMNS)
+            common.write_outputs(rows=rows, env=env, argv=command, table=table, json_path=args.json,
+                                 md_path=args.md, title=title)
     print(table)
-    title = (f"LoRA training step, B={args.batch} S={args.seq} r={args.rank} {args.dtype}"
-             f" ({'fp32' if args.fp32_adapters else args.dtype} adapters)")
-    common.write_outputs(rows=rows, env=common.environment(args.device), argv=["benchmarks/bench_model.py"]
-                         + list(sys.argv[1:] if argv is None else argv), table=table,
-                         json_path=args.json, md_path=args.md, title=title)
     return rows
 
 

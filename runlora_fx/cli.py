@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("target", metavar="TARGET", help="FILE.pt2 or MODULE:FACTORY (see above)")
     explain.add_argument("--write", metavar="OUT.pt2",
                          help="save the rewritten program here (FILE.pt2 targets only)")
-    explain.add_argument("--json", action="store_true", help="print the report as JSON (schema in runlora_fx/report.py)")
+    explain.add_argument("--json", action="store_true",
+                         help="print the report as JSON (schema in runlora_fx/report.py)")
     explain.add_argument("--allow-merged", action="store_const", const=True, default=None,
                          help="use merged plans (W + sBA) in bf16/fp16 too; by default only for fp32/fp64 weights")
     explain.add_argument("-v", "--verbose", action="store_true", help="log what the pass does (INFO)")
@@ -144,7 +145,8 @@ def _run_explain(args) -> int:
         report = _explain_program(target, args)
     elif ":" in target:
         if args.write:
-            raise CliError(f"--write needs a FILE.pt2 target; {target!r} is a factory, which is explained, not exported")
+            raise CliError(f"--write needs a FILE.pt2 target; {target!r} is a factory, "
+                           f"which is explained, not exported")
         report = _explain_factory(target, args)
     else:
         raise CliError(f"expected FILE.pt2 (an existing torch.export.save file) or MODULE:FACTORY "
@@ -171,27 +173,9 @@ def _explain_program(path: str, args):
     runlora_fx.rewrite_exported_program(ep, graph_name=os.path.basename(path), **options)
     report = ep.runlora_report
     if args.write:
-        _sync_output_specs(ep)
         torch.export.save(ep, args.write)
         print(f"{_PROG}: wrote {args.write} ({_sites(report.rewritten)} as runlora.lora_linear)", file=sys.stderr)
     return report
-
-
-def _sync_output_specs(ep) -> None:
-    """Points the program's output specs at the nodes its graph returns.
-
-    Works around rewrite_exported_program leaving a spec on the erased ``add`` when a LoRA
-    add is itself a program output, which makes ``torch.export.save`` fail its validation
-    ("User output lora_linear_default is not in the correct order..."). A no-op otherwise.
-    """
-    import torch.fx
-    from torch.export.graph_signature import TensorArgument
-
-    output = next(node for node in reversed(ep.graph.nodes) if node.op == "output")
-    returned = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    for spec, node in zip(ep.graph_signature.output_specs, returned):
-        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node) and spec.arg.name != node.name:
-            spec.arg.name = node.name
 
 
 def _explain_factory(spec: str, args):

@@ -42,8 +42,20 @@ def rewrite_exported_program(ep: torch.export.ExportedProgram, **options) -> tor
     _mark_parameters(ep)
     report: RewriteReport = rewrite(ep.graph_module, graph_name=options.pop("graph_name", "exported_program"),
                                     **options)
+    _sync_output_specs(ep)
     ep.runlora_report = report
     return ep
+
+
+def _sync_output_specs(ep) -> None:
+    """Points the output specs at the nodes the graph returns (a rewritten add may be one)."""
+    from torch.export.graph_signature import TensorArgument
+
+    output = next(node for node in reversed(ep.graph.nodes) if node.op == "output")
+    returned = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    for spec, node in zip(ep.graph_signature.output_specs, returned):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node):
+            spec.arg.name = node.name
 
 
 def load(path, **kwargs) -> torch.export.ExportedProgram:

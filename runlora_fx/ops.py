@@ -17,10 +17,12 @@ chosen backward chain is one visible node in backward graphs and exported progra
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .cost import parse_plan, resolve_plan
 from .plans import Needs
@@ -181,3 +183,20 @@ def _backward(ctx, grad_y):
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.runlora.lora_linear)
+def _lora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, scaling, x_lora_shape=None,
+                       adapter_dtype=None, forward_plan="forward1", backward_plan="backward1", *args, **kwargs):
+    o, i = weight_shape
+    n = math.prod(x_shape[:-1])
+    return int(resolve_plan(forward_plan, n, "forward").flops(n, i, o, a_shape[0]))
+
+
+@register_flop_formula(torch.ops.runlora.lora_linear_backward)
+def _lora_linear_backward_flops(gy_shape, x_shape, weight_shape, a_shape, b_shape, scaling, x_lora_shape,
+                                adapter_dtype, backward_plan, needs, *args, **kwargs):
+    o, i = weight_shape
+    n = math.prod(x_shape[:-1])
+    plan = resolve_plan(backward_plan, n, "backward")
+    return int(plan.flops(n, i, o, a_shape[0], Needs(*needs)))

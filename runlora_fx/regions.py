@@ -124,8 +124,8 @@ def plot_regions(in_features: int, out_features: int, tokens: Sequence[int], ran
         ImportError: matplotlib is not installed.
         ValueError: as ``region_grid``.
     """
+    Figure, FigureCanvasAgg, ListedColormap, BoundaryNorm, Patch, Line2D = _matplotlib()  # fail before the grid
     grid = region_grid(in_features, out_features, tokens, ranks, allow_merged=allow_merged)
-    Figure, FigureCanvasAgg, ListedColormap, BoundaryNorm, Patch, Line2D = _matplotlib()
     i, o = grid["in_features"], grid["out_features"]
     tokens, ranks = grid["tokens"], grid["ranks"]
     x_edges, y_edges = _edges(tokens), _edges(ranks)
@@ -238,7 +238,8 @@ def _draw_thresholds(ax, grid: dict, x_edges, y_edges, Line2D, legend: bool) -> 
     handles = []
     if grid["allow_merged"]:
         for x, style, color, label in [
-            (t["forward2_tokens"], "--", "black", f"n = in·out/(in+out) ≈ {t['forward2_tokens']:.0f}: forward2 wins right of it"),
+            (t["forward2_tokens"], "--", "black",
+             f"n = in·out/(in+out) ≈ {t['forward2_tokens']:.0f}: forward2 wins right of it"),
             (t["backward5_tokens"], ":", "black", f"n = out = {o}: backward5 beats backward1 right of it"),
         ]:
             if x_lo <= x <= x_hi:

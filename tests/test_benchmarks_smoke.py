@@ -1,0 +1,91 @@
+"""Smoke tests for benchmarks/: each script's main() runs at tiny sizes and fills its table.
+
+Compiled modes run with ``--inner aot_eager`` (the same pass and lowering, without inductor's
+code generation), so both tests together take well under a minute on 2 CPU cores.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name):
+    """Imports benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_layer():
+    return load_script("bench_layer")
+
+
+@pytest.fixture(scope="module")
+def bench_model():
+    return load_script("bench_model")
+
+
+def assert_outputs(rows, json_path, md_path, columns):
+    data = json.loads(json_path.read_text())
+    assert data["rows"] == json.loads(json.dumps(rows))
+    assert {"date", "torch", "device", "cpu"} <= set(data["env"])
+    header = md_path.read_text().splitlines()
+    table_header = next(line for line in header if line.startswith("| "))
+    assert table_header == "| " + " | ".join(c.header for c in columns) + " |"
+
+
+def test_bench_layer_main_fills_every_column(bench_layer, tmp_path):
+    modes = ["frozen", "peft_eager", "peft_inductor", "forward2/backward5", "runlora_aten", "runlora_opaque"]
+    json_path, md_path = tmp_path / "layer.json", tmp_path / "layer.md"
+    rows = bench_layer.main(["--quick", "--inner", "aot_eager", "--grid", "16x64x96x4", "--warmup", "1",
+                             "--repeats", "1", "--modes", ",".join(modes), "--json", str(json_path),
+                             "--md", str(md_path)])
+
+    assert [row["mode"] for row in rows] == modes
+    for row in rows:
+        for key in ("ms", "gflops_per_s", "x_limit", "speedup_vs_peft_eager", "speedup_vs_peft_inductor", "flops"):
+            assert row[key] > 0, (row["mode"], key)
+        assert row["saved_bytes"] >= 0
+    by_mode = {row["mode"]: row for row in rows}
+    assert by_mode["frozen"]["x_limit"] == pytest.approx(1.0)
+    forward, backward = by_mode["runlora_aten"]["plan"].split("/")  # the plan the pass chose
+    assert forward in bench_layer.FORWARD_PLANS and backward in bench_layer.BACKWARD_PLANS
+    # the op keeps x only (fp32, 16x64); peft also keeps x@A (16x4)
+    assert by_mode["forward2/backward5"]["saved_bytes"] == 16 * 64 * 4
+    assert by_mode["peft_eager"]["saved_bytes"] == 16 * 64 * 4 + 16 * 4 * 4
+    assert_outputs(rows, json_path, md_path, bench_layer.COLUMNS)
+
+
+def test_bench_layer_runs_merged_variants_only_in_low_precision(bench_layer):
+    fp32 = bench_layer.parse_point("4096x1024x2752x64", torch.float32)
+    bf16 = bench_layer.parse_point("4096x1024x2752x64", torch.bfloat16)
+
+    assert not set(bench_layer.MERGED) & set(bench_layer.modes_for(fp32, None))
+    assert set(bench_layer.MERGED) <= set(bench_layer.modes_for(bf16, None))
+    assert bench_layer.TARGET in bench_layer.DEFAULT_GRID["cpu"]
+
+
+def test_bench_model_main_fills_every_column(bench_model, tmp_path):
+    modes = ["frozen_inductor", "peft_eager", "peft_inductor", "runlora"]
+    json_path, md_path = tmp_path / "model.json", tmp_path / "model.md"
+    rows = bench_model.main(["--quick", "--inner", "aot_eager", "--layers", "1", "--batch", "1", "--seq", "16",
+                             "--warmup", "1", "--repeats", "1", "--modes", ",".join(modes),
+                             "--json", str(json_path), "--md", str(md_path)])
+
+    assert [row["mode"] for row in rows] == modes
+    for row in rows:
+        for key in ("ms", "first_s", "speedup_vs_peft_eager", "speedup_vs_peft_inductor", "x_frozen"):
+            assert row[key] > 0, (row["mode"], key)
+        assert row["peak_gib"] is None  # CPU
+    runlora = rows[-1]
+    assert runlora["sites"] == 7  # q, k, v, o, gate, up, down of the one layer
+    assert_outputs(rows, json_path, md_path, bench_model.COLUMNS)
