@@ -85,7 +85,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return node.name
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", str(path))
+    path = re.sub(r"^L\['[^']*'\]\.?|^L__self__\.?", "", str(path))
     path = re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
     return path.strip(".") or node.name
@@ -202,7 +202,7 @@ def _build_site(add: fx.Node, base: LinearView, lora: LoraProduct):
         if not _users_within(node, matched | {add}):
             return f"intermediate {node.name} has a user outside the LoRA subgraph"
     for src in (base.weight.node, lora.a.weight.node, lora.b.weight.node):
-        if src in matched:
+        if src in matched and src.op != "call_module":
             return "weight is computed inside the matched subgraph"
     # The LoRA input: x itself (maybe cast), or a separate tensor such as dropout(x).
     xl = lora.a.x
@@ -226,7 +226,7 @@ def _build_site(add: fx.Node, base: LinearView, lora: LoraProduct):
         x_lora is not None and bool(getattr(xl_val, "requires_grad", True))
     )
     needs = Needs(x=x_grad, lora_A=a_grad or not _grad_known(lora.a), lora_B=b_grad or not _grad_known(lora.b))
-    n = to_sympy(math.prod(x_val.shape[:-1])) if x_val.dim() > 1 else sympy.Integer(1)
+    n = to_sympy(math.prod(x_val.shape[:-1])) if len(x_val.shape) > 1 else sympy.Integer(1)
     return LoraSite(
         add=add, base=base, lora=lora, path=path, x=base.x, x_lora=x_lora,
         adapter_dtype=adapter_dtype if adapter_dtype != x_val.dtype else None,

@@ -30,6 +30,7 @@ __all__ = [
     "strip_casts",
     "cast_dtype",
     "meta_value",
+    "is_tensor_value",
     "aten",
 ]
 
@@ -58,6 +59,11 @@ def meta_value(node: Any):
         if key in node.meta:
             return node.meta[key]
     return node.meta.get("tensor_meta")
+
+
+def is_tensor_value(value: Any) -> bool:
+    """A FakeTensor / Tensor, or ShapeProp's TensorMetadata."""
+    return isinstance(value, torch.Tensor) or (hasattr(value, "shape") and hasattr(value, "dtype"))
 
 
 def _is_call(node: Any, fns=(), methods=()) -> bool:
@@ -232,7 +238,7 @@ def as_scale(node: Any) -> Optional[tuple[Any, Any]]:
         return None
     a, b = node.args
     for t, c in ((a, b), (b, a)):
-        if not isinstance(t, fx.Node) or not isinstance(meta_value(t), torch.Tensor):
+        if not isinstance(t, fx.Node) or not is_tensor_value(meta_value(t)):
             continue
         if isinstance(c, (int, float)) and not isinstance(c, bool):
             return t, float(c)

@@ -174,7 +174,8 @@ def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
         if key in like.meta:
             node.meta[key] = like.meta[key]
     vals = [meta_value(a) if isinstance(a, fx.Node) else a for a in args]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None) or detect_fake_mode(
+        [v for v in vals if isinstance(v, torch.Tensor)])
     if mode is not None:
         with mode:
             _set_value(node, target(*vals), like)
@@ -203,6 +204,19 @@ def _weight_arg(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
     return node
 
 
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of gm's graph to restore on failure, keeping attributes callers set on nodes
+    (Dynamo's ``_dynamo_source`` on placeholders)."""
+    backup = fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    val_map: dict = {}
+    backup.output(backup.graph_copy(gm.graph, val_map))
+    for old, new in val_map.items():
+        for key, value in vars(old).items():
+            if key not in vars(new):
+                setattr(new, key, value)
+    return backup
+
+
 def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
             forward_plan: Optional[str] = None, backward_plan: Optional[str] = None,
             graph_name: str = "graph", dry_run: bool = False) -> RewriteReport:
@@ -222,9 +236,7 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
     if criterion != "flops":
         raise ValueError(f"runlora: criterion {criterion!r} is not available; expected 'flops'")
     report = RewriteReport(graph=graph_name, criterion=criterion)
-    backup = fx.Graph(owning_module=gm)
-    output = backup.graph_copy(gm.graph, {})
-    backup.output(output)
+    backup = _copy_graph(gm)
     try:
         sites, report.rejected = find_sites(gm.graph)
         choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan)
