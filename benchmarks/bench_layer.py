@@ -44,7 +44,6 @@ from runlora_fx.cost import parse_plan  # noqa: E402
 from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS  # noqa: E402
 
 PLAN_PAIRS = [(f, b) for f in FORWARD_PLANS for b in ("backward1", "backward4", "backward5")]
-COMPILED = ["peft_inductor", "runlora_aten", "runlora_opaque"]
 MERGED = ["runlora_aten_merged", "runlora_opaque_merged"]
 ALL_MODES = ["frozen", "peft_eager", "peft_inductor"] + [f"{f}/{b}" for f, b in PLAN_PAIRS] + \
     ["runlora_aten", "runlora_opaque"] + MERGED

@@ -8,9 +8,11 @@
 #
 #     DEVICE=cpu QUICK=1 OUT=/tmp/x bash benchmarks/gpu_suite.sh
 #
+# (add PYTHON=/path/to/venv/bin/python where `python` has no torch)
+#
 # Steps, each under `timeout` and within a total budget (BUDGET_S, default 480 s):
 #   1. correctness: the op vs eager (every plan pair) and the runlora backend vs eager, on
-#      DEVICE in bf16 (fp32 on CPU); then pytest tests/test_ops.py if it exists and pytest imports
+#      DEVICE in bf16 (fp32 on CPU); then pytest tests/test_ops.py if it, pytest and hypothesis exist
 #   2. bench_layer: 16384x4096x4096x8, 8192x2048x5632x16, 8192x5632x2048x16, bf16
 #   3. bench_model: tinyllama11, B=8 S=1024 r=16, bf16 base and adapters, all five modes
 #   4. if time is left: RunLoRA README rows (llama_130m b=64 r=8, llama_350m b=48 r=128,
@@ -31,10 +33,13 @@ PYTHON=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-480}
 if [ "$QUICK" = 1 ]; then INNER=${INNER:-aot_eager}; else INNER=${INNER:-inductor}; fi
 if [ "$DEVICE" = cuda ]; then DTYPE=bfloat16; else DTYPE=float32; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 1  # the repo root, whatever the caller's directory
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/suite.log"
 SUMMARY="$OUT/summary.md"
 MD_DIR=$(mktemp -d)
@@ -89,9 +94,9 @@ trap write_summary EXIT
 {
   echo "== environment"
   date -Is
-  "$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
+  timeout 60 "$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")' 2>&1
-  "$PYTHON" -c 'import transformers, peft; print("transformers", transformers.__version__, "peft", peft.__version__)' 2>&1
+  timeout 60 "$PYTHON" -c 'import transformers, peft; print("transformers", transformers.__version__, "peft", peft.__version__)' 2>&1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1
 } >>"$LOG" 2>&1
 
@@ -140,11 +145,11 @@ for lowering in ("aten", "opaque"):
         oks.append(ok and sites == 1)
 sys.exit(0 if all(oks) else 1)
 EOF
-run_step check_op_vs_eager 120 "$PYTHON" "$MD_DIR/check.py" "$DEVICE" "$INNER"
-if [ -f tests/test_ops.py ] && "$PYTHON" -c 'import pytest' 2>/dev/null; then
-  run_step pytest_test_ops 90 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops.py
+run_step check_op_vs_eager 60 "$PYTHON" "$MD_DIR/check.py" "$DEVICE" "$INNER"
+if [ -f tests/test_ops.py ] && "$PYTHON" -c 'import pytest, hypothesis' 2>/dev/null; then
+  run_step pytest_test_ops 50 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops.py
 else
-  log "SKIP pytest_test_ops: tests/test_ops.py or pytest missing"
+  log "SKIP pytest_test_ops: tests/test_ops.py, pytest or hypothesis missing"
 fi
 
 # --- 2. layer -----------------------------------------------------------------------------
