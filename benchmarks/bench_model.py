@@ -135,6 +135,25 @@ def build_base(spec: ModelSpec, *, layers: Optional[int], seq: int, dtype: torch
     return model.to(dtype).train()
 
 
+def quantize_base(model, quant_type: str, dtype: torch.dtype, device: str):
+    """QLoRA base: every nn.Linear but the output head becomes a bitsandbytes Linear4bit
+    (double quantization on), holding the same weights quantized."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, quant_type=quant_type, device=device)
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
+                                             quant_type=quant_type)._quantize(device)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=child.bias.requires_grad)
+                setattr(module, child_name, q)
+    return model
+
+
 def add_lora(model, *, rank: int, fp32_adapters: bool):
     """peft LoRA on all linear layers but the head; adapters in the base dtype unless fp32_adapters."""
     from peft import LoraConfig, get_peft_model
@@ -210,6 +229,8 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
     _free(args.device)
     before = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # leftovers, if any
     model = build_base(spec, layers=args.layers, seq=args.seq, dtype=dtype, device=args.device)
+    if args.qlora:
+        model = quantize_base(model, args.qlora, dtype, args.device)
     batch = make_batch(spec, batch=args.batch, seq=args.seq, device=args.device)
     if mode == "frozen_inductor":
         model.requires_grad_(False)
@@ -230,7 +251,7 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
     sites, plans = site_summary(backend)
     row = {
         "model": name, "layers": args.layers or spec.layers, "mode": mode, "batch": args.batch, "seq": args.seq,
-        "rank": args.rank, "dtype": args.dtype, "adapters": "fp32" if args.fp32_adapters else args.dtype,
+        "rank": args.rank, "dtype": args.dtype, "qlora": args.qlora, "adapters": "fp32" if args.fp32_adapters else args.dtype,
         "optimizer": optimizer is not None, "trainable_params": sum(p.numel() for p in trainable),
         "ms": timing.median_ms, "min_ms": timing.min_ms, "times_ms": timing.times_ms, "first_s": first_s,
         "peak_gib": peak, "allocated_before_gib": before, "sites": sites, "plans": plans,
@@ -259,6 +280,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
     parser.add_argument("--fp32-adapters", action="store_true", help="peft's default fp32 adapters on a bf16 base")
+    parser.add_argument("--qlora", choices=["nf4", "fp4"], help="4-bit bitsandbytes base (QLoRA)")
     parser.add_argument("--allow-merged", action="store_true", help="runlora modes: allow merged plans in bf16")
     parser.add_argument("--batch", type=int, help="sequences per step (default 8; 2 with --quick)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 128 with --quick)")
@@ -296,7 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         torch.set_num_threads(args.threads)
     env = common.environment(args.device)
     title = (f"LoRA training step, B={args.batch} S={args.seq} r={args.rank} {args.dtype}"
-             f" ({'fp32' if args.fp32_adapters else args.dtype} adapters)")
+             f" ({'fp32' if args.fp32_adapters else args.dtype} adapters)"
+             + (f", QLoRA {args.qlora} base (bitsandbytes)" if args.qlora else ""))
     command = ["benchmarks/bench_model.py"] + list(sys.argv[1:] if argv is None else argv)
     rows: list = []
     for name in args.models:

@@ -3,13 +3,15 @@
     torch.compile(model, backend="runlora")            # or backend=runlora_fx.make_backend(...)
     runlora_fx.rewrite_exported_program(ep)             # torch.export programs
     runlora_fx.explain(model, *example_inputs)          # what would be rewritten, and why
+    runlora_fx.tune(model, *example_inputs)             # time plans ahead for criterion="time"
 """
 
 from ._compat import check_torch_version
 
 check_torch_version()
 
-from . import ops  # noqa: E402  registers torch.ops.runlora.*
+from . import ops, qlora  # noqa: E402  registers torch.ops.runlora.*
+from .autotune import tune  # noqa: E402
 from .backend import make_backend, runlora_backend  # noqa: E402
 from .cost import PiecewisePlan, PlanChoice, choose_plan  # noqa: E402
 from .explain import explain  # noqa: E402
@@ -17,9 +19,11 @@ from .export import load, rewrite_exported_program  # noqa: E402
 from .passes.rewrite import rewrite  # noqa: E402
 from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs  # noqa: E402
 from .report import RewriteReport  # noqa: E402
+from .roofline import DeviceModel  # noqa: E402
 
 __all__ = [
     "BACKWARD_PLANS",
+    "DeviceModel",
     "FORWARD_PLANS",
     "Needs",
     "PiecewisePlan",
@@ -30,8 +34,10 @@ __all__ = [
     "load",
     "make_backend",
     "ops",
+    "qlora",
     "rewrite",
     "rewrite_exported_program",
     "runlora_backend",
+    "tune",
 ]
 __version__ = "0.1.0"

@@ -15,8 +15,10 @@ from typing import Callable, Optional
 import torch
 
 from .dump import dump_graph, readable
+from .autotune import Autotuner
 from .lowering import lower_runlora_ops
 from .passes.rewrite import rewrite
+from .select import check_criterion
 
 __all__ = ["make_backend", "runlora_backend", "default_lowering"]
 
@@ -39,25 +41,35 @@ def default_lowering(example_inputs) -> str:
 def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, criterion: str = "flops",
                  allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
                  backward_plan: Optional[str] = None, dump_dir: Optional[str] = None,
-                 on_report: Optional[Callable] = None):
+                 on_report: Optional[Callable] = None, device_model=None, time_budget_s: Optional[float] = None,
+                 tuner=None):
     """Builds a Dynamo backend that applies the runlora pass.
 
     Args:
         inner: "inductor" (default), "aot_eager" or "eager".
         lowering: "aten" (lower to the plan's ATen chain) or "opaque" (keep the op); None
             picks ``default_lowering``. Ignored for ``inner="eager"`` (the op runs as is).
-        criterion, allow_merged, forward_plan, backward_plan: see ``runlora_fx.rewrite``.
+        criterion, allow_merged, forward_plan, backward_plan, device_model: see
+            ``runlora_fx.rewrite``; criterion is "flops" (default), "roofline" or "time".
         dump_dir: write each graph before/after the pass, its forward and backward graphs,
             its report and an SVG there (also env RUNLORA_DUMP_DIR); see ``dump.py``.
         on_report: called with each graph's RewriteReport.
+        time_budget_s: for "time": seconds of measuring for this backend, all graphs together;
+            later sites not in the cache are chosen by the roofline.
+        tuner: for "time": the ``autotune.Autotuner`` to use (cache directory, timer, budget);
+            default: one with ``time_budget_s`` and the default cache.
 
     Returns:
-        A callable ``backend(gm, example_inputs)``; its ``reports`` list collects the reports.
+        A callable ``backend(gm, example_inputs)``; its ``reports`` list collects the reports
+        and, for "time", ``tuner`` is the Autotuner (``tuner.measurements``: pairs timed).
     """
     if inner not in _INNER:
         raise ValueError(f"runlora: inner={inner!r}, expected one of {_INNER}")
     if lowering is not None and lowering not in _LOWERINGS:
         raise ValueError(f"runlora: lowering={lowering!r}, expected one of {_LOWERINGS} or None")
+    check_criterion(criterion)
+    if criterion == "time" and tuner is None:
+        tuner = Autotuner(time_budget_s=time_budget_s)
     reports = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
@@ -65,7 +77,8 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, cri
         dump = dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
         before = readable(gm) if dump else None
         report = rewrite(gm, criterion=criterion, allow_merged=allow_merged, forward_plan=forward_plan,
-                         backward_plan=backward_plan, graph_name=f"graph_{index}")
+                         backward_plan=backward_plan, graph_name=f"graph_{index}", device_model=device_model,
+                         time_budget_s=time_budget_s, tuner=tuner)
         reports.append(report)
         if on_report is not None:
             on_report(report)
@@ -83,6 +96,7 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, cri
         return compile_fx(gm, example_inputs)
 
     backend.reports = reports
+    backend.tuner = tuner
     return backend
 
 

@@ -95,6 +95,11 @@ class PlanChoice:
     Attributes:
         forward, backward: the chosen plans, piecewise in n when n is symbolic.
         forward_costs, backward_costs: each applicable plan's FLOPs (sympy, at the given sizes).
+        criterion: what chose: "flops", "roofline", "time" or "fixed" (see ``select.choose``).
+        estimated: the roofline's seconds per plan, {"forward": {plan: s}, "backward": {...},
+            "device": name, "n": tokens}, when the roofline chose.
+        measured: {"forward/backward": median seconds} when measured times chose.
+        note: why a criterion other than the one asked for chose (e.g. a spent time budget).
         original_flops: FLOPs of the chain the site had (forward1 + backward1).
     """
 
@@ -103,6 +108,9 @@ class PlanChoice:
     forward_costs: dict
     backward_costs: dict
     criterion: str = "flops"
+    estimated: Optional[dict] = None
+    measured: Optional[dict] = None
+    note: Optional[str] = None
 
     @property
     def original_flops(self) -> sympy.Expr:
@@ -133,6 +141,7 @@ def choose_plan(
     allow_merged: bool = True,
     include_dominated: bool = False,
     n_hint: Optional[int] = None,
+    dequant_flops: Size = 0,
 ) -> PlanChoice:
     """Chooses the forward and backward plans with the fewest FLOPs.
 
@@ -144,6 +153,8 @@ def choose_plan(
         allow_merged: policy switch for merged plans (see ``applicable_plans``).
         include_dominated: also price the five dominated backward plans.
         n_hint: a concrete n used only when i, o or r are symbolic too.
+        dequant_flops: cost of dequantizing a quantized W once (QLoRA: about o·i); every
+            forward pays it, and a backward pays it again when dX is needed.
 
     Returns:
         PlanChoice; ties go to the earlier plan in the catalogue (forward1, backward1 first).
@@ -153,14 +164,21 @@ def choose_plan(
     )
     if not include_dominated:
         bwd_names = [b for b in bwd_names if not BACKWARD_PLANS[b].dominated]
-    f_cost = {name: functools.partial(FORWARD_PLANS[name].flops, i_=i, o_=o, r_=r) for name in fwd_names}
-    b_cost = {name: functools.partial(BACKWARD_PLANS[name].flops, i_=i, o_=o, r_=r, needs=needs) for name in bwd_names}
+    b_dequant = dequant_flops if needs.x else 0
+    f_cost = {name: _plus(functools.partial(FORWARD_PLANS[name].flops, i_=i, o_=o, r_=r), dequant_flops)
+              for name in fwd_names}
+    b_cost = {name: _plus(functools.partial(BACKWARD_PLANS[name].flops, i_=i, o_=o, r_=r, needs=needs), b_dequant)
+              for name in bwd_names}
     return PlanChoice(
         forward=_cheapest(f_cost, n, n_hint),
         backward=_cheapest(b_cost, n, n_hint),
         forward_costs={name: cost(n) for name, cost in f_cost.items()},
         backward_costs={name: cost(n) for name, cost in b_cost.items()},
     )
+
+
+def _plus(cost, extra):
+    return cost if not extra else (lambda n_: cost(n_) + extra)
 
 
 _TOKENS = sympy.Symbol("N", positive=True)

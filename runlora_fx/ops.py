@@ -66,9 +66,11 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, x_lora, adapter_dtype, forw
         raise ValueError(f"{where}: all tensors must be on one device; got {devices}")
     merged_ok = x_lora is None and lora_A.dtype == x.dtype
     for spec, kind in ((forward_plan, "forward"), (backward_plan, "backward")):
-        plan = parse_plan(spec)
-        for name in plan.names:
-            chosen = resolve_plan(name, 0, kind)  # raises on unknown names
+        try:
+            chosen_plans = [resolve_plan(name, 0, kind) for name in parse_plan(spec).names]
+        except ValueError as exc:  # unknown or malformed: say which argument
+            raise ValueError(f"{where}: {kind}_plan={spec!r}: {exc}") from None
+        for name, chosen in zip(parse_plan(spec).names, chosen_plans):
             if chosen.merged and not merged_ok:
                 raise ValueError(
                     f"{where}: {kind} plan {name!r} merges W + sBA, which needs x_lora=None and one dtype; "

@@ -27,6 +27,7 @@ are kept for completeness and marked dominated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import sympy
@@ -81,7 +82,7 @@ class ForwardPlan:
 
     def flops(self, n_=n, i_=i, o_=o, r_=r) -> sympy.Expr:
         """FLOPs at the given sizes (ints or sympy expressions)."""
-        return sympy.sympify(self.flops_expr.subs({n: n_, i: i_, o: o_, r: r_}, simultaneous=True))
+        return _at_sizes(self.flops_expr, n_, i_, o_, r_)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +110,19 @@ class BackwardPlan:
         """FLOPs at the given sizes, counting only what the needed gradients use."""
         terms = _backward_terms(self, needs)
         total = sum((_MATMUL_FLOPS[t] for t in terms), sympy.Integer(0))
-        return sympy.sympify(total.subs({n: n_, i: i_, o: o_, r: r_}, simultaneous=True))
+        return _at_sizes(total, n_, i_, o_, r_)
 
     def run(self, *args, **kwargs):
         return _run_backward(self, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _at_sizes(expr: sympy.Expr, n_, i_, o_, r_) -> sympy.Expr:
+    # xreplace, not subs(simultaneous=True): the keys are plain symbols, so the result is the
+    # same, and subs' fresh Dummies defeat sympy's cache (~4 ms a call, 100 ms a site).
+    # Cached: a model repeats a handful of layer shapes across hundreds of sites.
+    sizes = {n: n_, i: i_, o: o_, r: r_}
+    return sympy.sympify(expr.xreplace({k: sympy.sympify(v) for k, v in sizes.items()}))
 
 
 # --- FLOPs of each matmul a plan may issue (2·m·k·n each) --------------------------------
@@ -228,7 +238,6 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
     separate = x_lora is not None
     xl = _lora_input(x, x_lora, adapter_dtype)
     g_lora = grad_y if grad_y.dtype == lora_B.dtype else grad_y.to(lora_B.dtype)
-    g_base = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
     uses_z = (needs.x and plan.dx == "split") or (needs.lora_A and plan.da == "z")
     uses_t = (needs.lora_A and plan.da == "t") or (needs.lora_B and plan.db == "t")
     zs = torch.mm(g_lora, lora_B).mul_(scaling) if uses_z else None  # s·Z, n×r
@@ -236,6 +245,8 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
 
     grad_x = grad_xl = grad_a = grad_b = None
     if needs.x:
+        # weight may be None when dX is not needed (a quantized base is then not dequantized).
+        g_base = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
         if plan.dx == "merged":
             grad_x = torch.mm(g_base, _merged_weight(weight, lora_A, lora_B, scaling))
         else:

@@ -8,12 +8,30 @@ Schema of ``to_dict()`` (version 1, stable; new keys may be added, none removed)
                 "forward_plan", "backward_plan",
                 "forward_costs": {plan: {"expr": str, "value": int|null}},
                 "backward_costs": {plan: {"expr": str, "value": int|null}},
-                "original_flops", "chosen_flops", "flops_saved_pct", "activation_bytes_saved"}],
+                "original_flops", "chosen_flops", "flops_saved_pct", "activation_bytes_saved",
+                "criterion", "criterion_note", "estimated_s", "measured_s"}],
      "rejected": [{"path", "node", "reason"}],
      "totals": {"sites", "rejected", "original_flops", "chosen_flops", "flops_saved_pct",
-                "activation_bytes_saved", "plans": {"forward/backward": count}}}
+                "activation_bytes_saved", "plans": {"forward/backward": count},
+                "criteria": {criterion: count}}}
 
 Values at the size hint are null when a size is symbolic and no hint is known.
+
+Keys added after version 1 first shipped (the version is unchanged: readers of the first
+keys are unaffected):
+
+- ``sites[].criterion``: what chose this site's plans: "flops", "roofline", "time" or
+  "fixed" (forced plans). It can differ from the graph's ``criterion`` (what was asked):
+  with "time", a site that was not measured (time budget spent, measuring failed) reads
+  "roofline".
+- ``sites[].criterion_note``: why, when the site's criterion is not the one asked for (or
+  null).
+- ``sites[].estimated_s``: the roofline's estimate, {"forward": {plan: seconds},
+  "backward": {plan: seconds}, "device": name, "n": tokens}, when the roofline chose;
+  else null.
+- ``sites[].measured_s``: {"forward/backward": median seconds of forward + backward} for
+  every pair timed, when measured times chose; else null.
+- ``totals.criteria``: sites per criterion that chose.
 """
 
 from __future__ import annotations
@@ -50,6 +68,10 @@ class SiteReport:
     original_flops: Optional[int]
     chosen_flops: Optional[int]
     activation_bytes_saved: Optional[int]
+    criterion: str = "flops"
+    criterion_note: Optional[str] = None
+    estimated_s: Optional[dict] = None
+    measured_s: Optional[dict] = None
 
     @property
     def flops_saved_pct(self) -> Optional[float]:
@@ -92,6 +114,7 @@ class RewriteReport:
             "flops_saved_pct": (100.0 * (o_sum - c_sum) / o_sum) if known and o_sum else None,
             "activation_bytes_saved": sum(saved) if None not in saved else None,
             "plans": self.plan_counts(),
+            "criteria": dict(collections.Counter(s.criterion for s in self.sites)),
         }
 
     def summary(self) -> str:
@@ -106,6 +129,8 @@ class RewriteReport:
             line += f"; est. {-t['flops_saved_pct'] + 0.0:+.1f}% LoRA-layer FLOPs"
         if t["activation_bytes_saved"]:
             line += f"; -{_bytes(t['activation_bytes_saved'])} saved activations"
+        if set(t["criteria"]) - {self.criterion, "fixed"}:
+            line += "; chosen by " + ", ".join(f"{k}: {v}" for k, v in sorted(t["criteria"].items()))
         return line
 
     def to_dict(self) -> dict:
@@ -128,6 +153,9 @@ class RewriteReport:
 
     def _rows(self):
         head = ["module", "n", "i", "o", "r", "dtype", "forward costs", "backward costs", "plan", "FLOPs saved", "act. saved"]
+        by = any(s.criterion not in ("flops", "fixed") for s in self.sites)
+        if by:
+            head.append("chosen by")
         rows = []
         for s in self.sites:
             rows.append([
@@ -137,7 +165,7 @@ class RewriteReport:
                 f"{s.forward_plan} / {s.backward_plan}",
                 "-" if s.flops_saved_pct is None else f"{s.flops_saved_pct:.1f}%",
                 "-" if s.activation_bytes_saved is None else _bytes(s.activation_bytes_saved),
-            ])
+            ] + ([_chosen_by(s)] if by else []))
         return head, rows
 
     def to_markdown(self) -> str:
@@ -161,6 +189,22 @@ class RewriteReport:
             out += [f"  {r.path} ({r.node}): {r.reason}" for r in self.rejected]
         out.append(self.summary())
         return "\n".join(out)
+
+
+def _chosen_by(s: SiteReport) -> str:
+    """"time (best 1.23 ms of 6)", "roofline (est. 0.41 ms, H200)", plus the note if any."""
+    text = s.criterion
+    if s.measured_s:
+        best = s.measured_s.get(f"{s.forward_plan}/{s.backward_plan}", min(s.measured_s.values()))
+        text += f" ({best * 1e3:.3g} ms, {len(s.measured_s)} timed)"
+    elif s.estimated_s:
+        f = s.estimated_s["forward"].get(s.forward_plan)
+        b = s.estimated_s["backward"].get(s.backward_plan)
+        if f is not None and b is not None:
+            text += f" (est. {(f + b) * 1e3:.3g} ms, {s.estimated_s['device']})"
+    if s.criterion_note:
+        text += f"; {s.criterion_note}"
+    return text
 
 
 def _costs(costs: dict) -> str:

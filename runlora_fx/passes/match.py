@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..plans import Needs
-from .normalize import LinearView, as_add, as_linear, as_scale, cast_dtype, meta_value, strip_casts
+from .normalize import LinearView, as_add, as_linear, as_scale, cast_dtype, meta_value, strip_noop
 
 __all__ = ["LoraProduct", "LoraSite", "Rejection", "match_lora", "find_sites", "module_path", "to_sympy"]
 
@@ -140,6 +140,8 @@ def _weight_value(view: LinearView, which: str = "weight"):
         mod = view.weight.node.graph.owning_module.get_submodule(view.weight.node.target)
         t = getattr(mod, which)
         return (None if t is None else tuple(t.shape)), (t is not None and t.requires_grad)
+    if view.quant is not None and which == "weight":
+        return tuple(view.quant["shape"]), False  # packed 4-bit weights cannot require grad
     src = view.weight.node if which == "weight" else view.bias
     val = meta_value(src)
     if val is None or not hasattr(val, "shape"):
@@ -157,11 +159,16 @@ def match_lora(add: fx.Node) -> tuple[Optional[LoraSite], Optional[Rejection]]:
     if operands is None:
         return None, None
     for base_node, lora_node in (operands, operands[::-1]):
-        lora = as_lora_product(lora_node)
+        lora_core, lora_chain = strip_noop(lora_node)
+        lora = as_lora_product(lora_core)
         if lora is None:
             continue
-        base = as_linear(base_node)
-        if base is None or as_lora_product(base_node) is not None:
+        lora.nodes = tuple(lora_chain) + lora.nodes
+        base_core, base_chain = strip_noop(base_node)
+        base = as_linear(base_core)
+        if base is not None:
+            base = dataclasses.replace(base, nodes=tuple(base_chain) + base.nodes)
+        if base is None or as_lora_product(base_core) is not None:
             return None, Rejection(module_path(add), add.name, "the LoRA product is not added to a linear base output")
         reason_or_site = _build_site(add, base, lora)
         if isinstance(reason_or_site, str):
@@ -205,13 +212,15 @@ def _build_site(add: fx.Node, base: LinearView, lora: LoraProduct):
         if src in matched and src.op != "call_module":
             return "weight is computed inside the matched subgraph"
     # The LoRA input: x itself (maybe cast), or a separate tensor such as dropout(x).
+    x_node = strip_noop(base.x)[0]
     xl = lora.a.x
     xl_val = meta_value(xl)
     a_dtype = meta_value(lora.a.out).dtype
     adapter_dtype = None
     x_lora = None
-    if strip_casts(xl) is base.x:
-        if xl is not base.x:
+    # x itself or one cast of x; a chain such as x.to(bf16).to(fp32) rounds: a separate input.
+    if xl is x_node or (cast_dtype(xl) is not None and strip_noop(xl.args[0])[0] is x_node):
+        if xl is not x_node:
             adapter_dtype = cast_dtype(xl)
     else:
         if tuple(getattr(xl_val, "shape", ())) != tuple(x_val.shape):
@@ -228,7 +237,7 @@ def _build_site(add: fx.Node, base: LinearView, lora: LoraProduct):
     needs = Needs(x=x_grad, lora_A=a_grad or not _grad_known(lora.a), lora_B=b_grad or not _grad_known(lora.b))
     n = to_sympy(math.prod(x_val.shape[:-1])) if len(x_val.shape) > 1 else sympy.Integer(1)
     return LoraSite(
-        add=add, base=base, lora=lora, path=path, x=base.x, x_lora=x_lora,
+        add=add, base=base, lora=lora, path=path, x=x_node, x_lora=x_lora,
         adapter_dtype=adapter_dtype if adapter_dtype != x_val.dtype else None,
         n=n, i=int(i), o=int(o), r=int(r), dtype=x_val.dtype, needs=needs,
     )

@@ -28,6 +28,7 @@ __all__ = [
     "as_scale",
     "as_add",
     "strip_casts",
+    "strip_noop",
     "cast_dtype",
     "meta_value",
     "is_tensor_value",
@@ -118,6 +119,24 @@ def cast_dtype(node: Any) -> Optional[torch.dtype]:
     return None
 
 
+def strip_noop(node: Any) -> tuple[Any, tuple]:
+    """Follows casts to the dtype a tensor already has, and clones, back to their source.
+
+    Returns (source, the nodes passed). peft's 4-bit path writes ``result.clone()`` and
+    ``x.to(compute_dtype)``; when the dtype does not change these are value-preserving.
+    """
+    chain = []
+    while isinstance(node, fx.Node):
+        is_clone = _is_call(node, {torch.clone, aten.clone.default}, ("clone",))
+        dtype = cast_dtype(node)
+        src = node.args[0] if (is_clone or dtype is not None) else None
+        if src is None or (dtype is not None and getattr(meta_value(src), "dtype", None) != dtype):
+            break
+        chain.append(node)
+        node = src
+    return node, tuple(chain)
+
+
 def strip_casts(node: Any) -> Any:
     """Follows dtype casts back to their source."""
     while cast_dtype(node) is not None:
@@ -161,6 +180,7 @@ class LinearView:
     weight: WeightRef
     bias: Optional[fx.Node]
     nodes: tuple
+    quant: Optional[dict] = None  # bitsandbytes 4-bit base: the gemm_4bit arguments
 
 
 def _weight_from(mat: Any, graph_holds_transpose: bool) -> Optional[tuple[WeightRef, tuple]]:
@@ -185,6 +205,10 @@ def as_linear(node: Any) -> Optional[LinearView]:
         if isinstance(mod, torch.nn.Linear):
             return LinearView(node, node.args[0], WeightRef(node, transposed=False), None, (node,))
         return None
+    if node.op == "call_function" and _op_name(node.target) == "bitsandbytes::gemm_4bit":
+        return _as_bnb_4bit(node)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _as_autograd_function_4bit(node)
     if _is_call(node, _LINEAR):
         ref = _weight_from(_arg(node, 1, "weight"), graph_holds_transpose=False)
         if ref is None:
@@ -194,7 +218,7 @@ def as_linear(node: Any) -> Optional[LinearView]:
     if _is_call(node, _MATMUL, ("matmul", "__matmul__")):
         ref = _weight_from(node.args[1], graph_holds_transpose=True)
         val = meta_value(node.args[1])
-        if ref is None or getattr(val, "ndim", 0) != 2:
+        if ref is None or len(getattr(val, "shape", ())) != 2:  # TensorMetadata has no ndim
             return None
         return LinearView(node, node.args[0], ref[0], None, (node,) + ref[1])
     # Decomposed / Conv1D form: view(addmm(b, view(x), Wt)) or view(mm(view(x), Wt)).
@@ -218,6 +242,60 @@ def as_linear(node: Any) -> Optional[LinearView]:
     nodes = (node, inner) if node is not inner else (node,)
     return LinearView(node, x, ref[0], inner.args[0] if is_addmm else None,
                       tuple(dict.fromkeys(nodes + tuple(flatten_chain) + ref[1] + views)))
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "name", None)
+    return name() if callable(name) else ""
+
+
+def _as_bnb_4bit(node: fx.Node) -> LinearView:
+    """``gemm_4bit(x, packed, shape, absmax, blocksize, quant_type, bias=, absmax_8bit=, ...)``."""
+    names = ("x", "qweight", "shape", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code",
+             "absmax_offset")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    quant = {k: args.get(k) for k in names[1:] if k != "bias"}
+    quant["shape"] = [int(d) for d in quant["shape"]]
+    return LinearView(node, args["x"], WeightRef(args["qweight"], transposed=False), args.get("bias"), (node,),
+                      quant=quant)
+
+
+def _as_autograd_function_4bit(getitem: fx.Node) -> Optional[LinearView]:
+    """bitsandbytes' MatMul4Bit as Dynamo traces it when x requires grad::
+
+        out = torch.ops.higher_order.autograd_function_apply(fwd_body, bwd_body, packed, x, absmax, ...)[0]
+
+    where ``fwd_body`` calls gemm_4bit on its placeholders; those map back to the operands.
+    """
+    hop, index = getitem.args
+    if index != 0 or not isinstance(hop, fx.Node) or hop.op != "call_function":
+        return None
+    if hop.target is not getattr(torch.ops.higher_order, "autograd_function_apply", None):
+        return None
+    body_ref = hop.args[0]
+    body = getattr(getitem.graph.owning_module, body_ref.target, None) if body_ref.op == "get_attr" else None
+    if not isinstance(body, fx.GraphModule):
+        return None
+    gemms = [n for n in body.graph.nodes if n.op == "call_function" and _op_name(n.target) == "bitsandbytes::gemm_4bit"]
+    if len(gemms) != 1 or len(hop.users) != 1:
+        return None
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    outer = dict(zip(placeholders, hop.args[2:]))
+
+    def to_outer(arg):
+        if isinstance(arg, fx.Node):
+            return outer.get(_strip_flatten(arg))
+        return arg
+
+    inner = _as_bnb_4bit(gemms[0])
+    quant = {k: to_outer(v) for k, v in inner.quant.items()}
+    if any(quant[k] is None for k in ("qweight", "absmax")) or to_outer(inner.x) is None:
+        return None
+    bias = to_outer(inner.bias) if inner.bias is not None else None
+    extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
+    return LinearView(getitem, to_outer(inner.x), WeightRef(quant["qweight"], transposed=False), bias,
+                      (getitem, hop) + extra, quant=quant)
 
 
 def _owning_module(node: fx.Node):

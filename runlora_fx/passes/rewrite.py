@@ -30,10 +30,12 @@ import torch
 import torch.fx as fx
 
 from .._compat import detect_fake_mode, size_hint
-from ..cost import choose_plan, parse_plan
+from ..autotune import Autotuner
+from ..cost import parse_plan, resolve_plan
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS
 from ..report import RewriteReport, SiteReport, cost_entry
-from .match import LoraSite, find_sites
+from ..select import check_criterion, choose, time_request
+from .match import LoraSite, Rejection, find_sites
 from .normalize import WeightRef, meta_value
 
 __all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged"]
@@ -53,13 +55,15 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
 
 
 def plan_site(site: LoraSite, *, allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
-              backward_plan: Optional[str] = None):
-    """Chooses (PlanChoice) for a site, honouring a fixed forward/backward plan if given."""
-    merged_ok = default_allow_merged(site.dtype) if allow_merged is None else allow_merged
-    choice = choose_plan(
-        site.n, site.i, site.o, site.r, needs=site.needs, separate_lora_input=site.separate_lora_input,
-        mixed_dtype=site.mixed_dtype, allow_merged=merged_ok, n_hint=site_n_hint(site),
-    )
+              backward_plan: Optional[str] = None, criterion: str = "flops", device_model=None, tuner=None):
+    """Chooses (PlanChoice) for a site by ``criterion``, honouring a fixed forward/backward plan if given.
+
+    ``device_model`` and ``tuner`` are for "roofline" and "time" (see ``select.choose``).
+    """
+    if forward_plan is not None and backward_plan is not None:
+        criterion = "flops"  # both forced: nothing to estimate or measure
+    choice = choose(site.n, site.i, site.o, site.r, criterion=criterion, device_model=device_model, tuner=tuner,
+                    **_site_choice_args(site, allow_merged))
     if forward_plan is not None or backward_plan is not None:
         choice = dataclasses.replace(
             choice,
@@ -68,6 +72,25 @@ def plan_site(site: LoraSite, *, allow_merged: Optional[bool] = None, forward_pl
             criterion="fixed",
         )
     return choice
+
+
+def _site_choice_args(site: LoraSite, allow_merged: Optional[bool]) -> dict:
+    """What ``select.choose`` needs to know about a site besides its sizes and criterion."""
+    val = meta_value(site.x)
+    return dict(
+        needs=site.needs, separate_lora_input=site.separate_lora_input, mixed_dtype=site.mixed_dtype,
+        allow_merged=default_allow_merged(site.dtype) if allow_merged is None else allow_merged,
+        n_hint=site_n_hint(site), dtype=site.dtype, adapter_dtype=site.adapter_dtype, bias=_has_bias(site),
+        device=getattr(val, "device", "cpu"),
+        dequant_flops=site.o * site.i if site.base.quant is not None else 0,
+    )
+
+
+def _has_bias(site: LoraSite) -> bool:
+    node = site.base.weight.node
+    if node.op == "call_module":
+        return getattr(node.graph.owning_module.get_submodule(node.target), "bias", None) is not None
+    return site.base.bias is not None
 
 
 def site_n_hint(site: LoraSite) -> Optional[int]:
@@ -116,7 +139,17 @@ def _site_report(site: LoraSite, choice) -> SiteReport:
         forward_plan=str(choice.forward), backward_plan=str(choice.backward),
         forward_costs=f_costs, backward_costs=b_costs,
         original_flops=original, chosen_flops=chosen, activation_bytes_saved=act,
+        criterion=choice.criterion, criterion_note=choice.note,
+        estimated_s=_estimates(choice.estimated), measured_s=None if choice.measured is None else dict(choice.measured),
     )
+
+
+def _estimates(estimated: Optional[dict]) -> Optional[dict]:
+    """The roofline's estimates as the report keeps them."""
+    if estimated is None:
+        return None
+    return {"forward": dict(estimated["forward"]), "backward": dict(estimated["backward"]),
+            "device": estimated["device"], "n": estimated["n"]}
 
 
 def _plan_flops(site: LoraSite, kind: str, name: str, n_value: int) -> int:
@@ -128,6 +161,7 @@ def _plan_flops(site: LoraSite, kind: str, name: str, n_value: int) -> int:
 def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
     """Replaces each site's add by one ``runlora.lora_linear`` node (mutates ``gm``)."""
     graph = gm.graph
+    replaced: dict = {}  # a site's add -> its new node: a later site may read it as x
     for site, choice in zip(sites, choices):
         add = site.add
         with graph.inserting_before(add):
@@ -137,12 +171,16 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
                 mod = gm.get_submodule(site.base.weight.node.target)
                 bias = None if mod.bias is None else graph.get_attr(f"{site.base.weight.node.target}.bias")
             args = (
-                site.x, weight, bias,
+                replaced.get(site.x, site.x), weight, bias,
                 _weight_arg(graph, site.lora.a.weight, add), _weight_arg(graph, site.lora.b.weight, add),
-                _scaling_arg(graph, site, add), site.x_lora, site.adapter_dtype,
+                _scaling_arg(graph, site, add), replaced.get(site.x_lora, site.x_lora), site.adapter_dtype,
                 str(choice.forward), str(choice.backward),
             )
-            new = graph.call_function(torch.ops.runlora.lora_linear.default, args)
+            if site.base.quant is not None:
+                args = _quantized_args(site.base.quant, args)
+            op = torch.ops.runlora.lora_linear.default if site.base.quant is None else \
+                torch.ops.runlora.lora_linear_4bit.default
+            new = graph.call_function(op, args)
             new.meta.update(add.meta)
             out = new
             if site.lora_bias is not None:
@@ -151,8 +189,9 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
                 out.meta.update({k: v for k, v in add.meta.items() if k not in ("val", "example_value")})
                 _set_value(out, meta_value(add), add)
         add.replace_all_uses_with(out)
-        for node in [add, *site.base.nodes, *site.lora.nodes]:
-            if node.graph is graph and not node.users:
+        replaced[add] = out
+        for node in [add, *site.base.nodes, *site.lora.nodes, site.base.x]:
+            if isinstance(node, fx.Node) and node.graph is graph and not node.users and node.op != "placeholder":
                 graph.erase_node(node)
     graph.lint()
     gm.recompile()
@@ -180,6 +219,14 @@ def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
         with mode:
             _set_value(node, target(*vals), like)
     return node
+
+
+def _quantized_args(quant: dict, args: tuple) -> tuple:
+    """lora_linear's arguments rearranged for lora_linear_4bit (the packed weight replaces W)."""
+    x, _, bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd = args
+    return (x, quant["qweight"], quant["absmax"], quant.get("absmax_8bit"), quant.get("absmax_code"),
+            quant.get("absmax_offset"), quant["shape"], int(quant["blocksize"]), quant["quant_type"], bias,
+            lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
 
 
 def _scaling_arg(graph: fx.Graph, site: LoraSite, like: fx.Node):
@@ -217,29 +264,75 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return backup
 
 
+def _rejects_forced_plan(site: LoraSite, forced: list, rejected: list) -> bool:
+    """A forced merged plan (W + sBA) is illegal where x_lora is separate or dtypes mix:
+    the site is left alone and reported, as for any other legality rule."""
+    if not (site.separate_lora_input or site.mixed_dtype):
+        return False
+    for spec, kind in forced:
+        merged = [name for name in parse_plan(spec).names if resolve_plan(name, 0, kind).merged]
+        if merged:
+            why = "a separate LoRA input (dropout)" if site.separate_lora_input else "mixed adapter dtype"
+            rejected.append(Rejection(site.path, site.add.name,
+                                      f"forced {kind} plan {merged[0]!r} merges W + sBA, illegal with {why}"))
+            return True
+    return False
+
+
+def _measure_sites(sites: list, tuner, allow_merged: Optional[bool]) -> None:
+    """Times every distinct key of the graph up front, so one progress line covers them all."""
+    requests = []
+    for site in sites:
+        args = _site_choice_args(site, allow_merged)
+        if args.pop("dequant_flops"):
+            continue  # a quantized base is chosen by FLOPs (select.choose)
+        request = time_request(site.n, site.i, site.o, site.r, include_dominated=False, **args)
+        if not isinstance(request, str):
+            requests.append(request)
+    tuner.measure_all(requests)
+
+
 def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
             forward_plan: Optional[str] = None, backward_plan: Optional[str] = None,
-            graph_name: str = "graph", dry_run: bool = False) -> RewriteReport:
+            graph_name: str = "graph", dry_run: bool = False, device_model=None,
+            time_budget_s: Optional[float] = None, tuner=None) -> RewriteReport:
     """Rewrites every legal LoRA site of ``gm`` in place and reports what it did.
 
     Args:
         gm: a GraphModule with shape metadata (Dynamo, torch.export, or ShapeProp).
-        criterion: how plans are chosen; "flops" (sympy FLOPs) is the one implemented.
+        criterion: how plans are chosen: "flops" (sympy FLOPs, the default), "roofline"
+            (FLOPs, bytes moved and launches on a device model) or "time" (each candidate pair
+            measured on the device, cached on disk; see ``runlora_fx.tune``).
         allow_merged: allow plans that form W + sBA; default: yes in fp32/fp64, no in bf16/fp16.
         forward_plan, backward_plan: force a plan (string as the op takes) for every site.
         graph_name: label for the report.
         dry_run: match and choose only; leave the graph unchanged.
+        device_model: for "roofline" (and "time"'s fallback): a ``roofline.DeviceModel`` or a
+            table name ("H200"); default: looked up from the inputs' device.
+        time_budget_s: for "time": stop measuring after this many seconds; sites not measured
+            or cached by then are chosen by the roofline (their report says so).
+        tuner: for "time": an ``autotune.Autotuner`` (cache directory, timer, budget), shared
+            across calls to share its budget; default: a new one with ``time_budget_s``.
 
     Returns:
         RewriteReport. On an internal error: a warning, the graph unchanged, an empty report.
     """
-    if criterion != "flops":
-        raise ValueError(f"runlora: criterion {criterion!r} is not available; expected 'flops'")
+    check_criterion(criterion)
+    if criterion == "time" and tuner is None:
+        tuner = Autotuner(time_budget_s=time_budget_s)
+    forced = [(spec, kind) for spec, kind in ((forward_plan, "forward"), (backward_plan, "backward")) if spec]
+    for spec, kind in forced:
+        for name in parse_plan(spec).names:
+            resolve_plan(name, 0, kind)  # ValueError naming the known plans
     report = RewriteReport(graph=graph_name, criterion=criterion)
     backup = _copy_graph(gm)
     try:
         sites, report.rejected = find_sites(gm.graph)
-        choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan)
+        sites = [s for s in sites if not _rejects_forced_plan(s, forced, report.rejected)]
+        if criterion == "time" and not (forward_plan and backward_plan):
+            _measure_sites(sites, tuner, allow_merged)
+        choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan,
+                             criterion=criterion, device_model=device_model, tuner=tuner)
                    for s in sites]
         report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
         if not dry_run and sites:
