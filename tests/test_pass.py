@@ -420,3 +420,16 @@ def test_export_save_load_in_fresh_process(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert bare.returncode != 0
     assert "runlora.lora_linear" in bare.stderr and "import the custom op" in bare.stderr
+
+
+def test_runlora_backend_name_resolves_through_the_entry_point():
+    """``torch.compile(model, backend="runlora")`` works after install (HF Trainer's
+    ``torch_compile_backend="runlora"`` passes the same string)."""
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "runlora"]
+    assert ep.load() is runlora_fx.runlora_backend
+    assert "runlora" in torch._dynamo.list_backends()
+    model = TorchtuneLoRALinear(16, 24, 4)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(torch.compile(model, backend="runlora")(x), model(x))
