@@ -121,3 +121,45 @@ def test_opcheck_4bit_op():
     args = (x, layer.weight.view(-1, 1), qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset, list(qs.shape),
             qs.blocksize, qs.quant_type, layer.bias.detach(), A, B, 0.5, None, None, "forward2", "backward5")
     torch.library.opcheck(OP, args)
+
+
+class TorchtuneNF4LoRALinear(nn.Module):
+    """torchtune's QLoRA LoRALinear: a torchao NF4Tensor base through ``linear_nf4``."""
+
+    def __init__(self, i, o, r):
+        super().__init__()
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        self.weight = nn.Parameter(to_nf4(torch.randn(o, i) / i**0.5), requires_grad=False)
+        self.lora_a = nn.Linear(i, r, bias=False)
+        self.lora_b = nn.Linear(r, o, bias=False)
+        nn.init.normal_(self.lora_b.weight, std=0.05)
+        self.scaling = 2.0
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+        return linear_nf4(input=x, weight=self.weight) + self.scaling * self.lora_b(self.lora_a(x))
+
+
+def nf4_model():
+    pytest.importorskip("torchao", reason="the torchtune-style QLoRA test needs torchao (in the test extra)")
+    torch.manual_seed(0)
+    return nn.Sequential(TorchtuneNF4LoRALinear(256, 512, 8), nn.GELU(), TorchtuneNF4LoRALinear(512, 256, 8))
+
+
+def test_torchao_nf4_base_all_sites_rewritten_and_training_matches():
+    assert_same_training(nf4_model(), lambda: torch.randn(2, 6, 256, requires_grad=True),
+                         lambda m, x: m(x).pow(2).mean(), expect_sites=2, steps=5)
+
+
+def test_torchao_nf4_saves_no_dequantized_weight():
+    model = nf4_model()
+    compiled = torch.compile(model, backend=runlora_fx.make_backend(inner="eager"))
+    x = torch.randn(2, 6, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        compiled(x).pow(2).mean()
+    dense_weights = [t for t in saved if tuple(t.shape) in {(512, 256), (256, 512)} and type(t) is torch.Tensor]
+    assert not dense_weights, [tuple(t.shape) for t in dense_weights]
+    assert sum("NF4" in type(t).__name__ for t in saved) == 2

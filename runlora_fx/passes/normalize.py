@@ -277,11 +277,13 @@ def _as_autograd_function_4bit(getitem: fx.Node) -> Optional[LinearView]:
     body = getattr(getitem.graph.owning_module, body_ref.target, None) if body_ref.op == "get_attr" else None
     if not isinstance(body, fx.GraphModule):
         return None
-    gemms = [n for n in body.graph.nodes if n.op == "call_function" and _op_name(n.target) == "bitsandbytes::gemm_4bit"]
-    if len(gemms) != 1 or len(hop.users) != 1:
+    if len(hop.users) != 1:
         return None
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     outer = dict(zip(placeholders, hop.args[2:]))
+    gemms = [n for n in body.graph.nodes if n.op == "call_function" and _op_name(n.target) == "bitsandbytes::gemm_4bit"]
+    if len(gemms) != 1:
+        return _as_dequantize_linear(getitem, hop, body, outer)
 
     def to_outer(arg):
         if isinstance(arg, fx.Node):
@@ -296,6 +298,29 @@ def _as_autograd_function_4bit(getitem: fx.Node) -> Optional[LinearView]:
     extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
     return LinearView(getitem, to_outer(inner.x), WeightRef(quant["qweight"], transposed=False), bias,
                       (getitem, hop) + extra, quant=quant)
+
+
+def _as_dequantize_linear(getitem: fx.Node, hop: fx.Node, body: fx.GraphModule, outer: dict) -> Optional[LinearView]:
+    """torchao's ``linear_nf4(x, weight)`` as Dynamo traces it::
+
+        out = torch.ops.higher_order.autograd_function_apply(fwd_body, bwd_body, nf4_weight, x)[0]
+        # fwd_body: w = nf4_weight.to(dtype); out = linear(x, w)
+
+    The weight is an NF4Tensor (a tensor subclass that dequantizes on ``.to(dtype)``).
+    """
+    linears = [n for n in body.graph.nodes if _is_call(n, _LINEAR)]
+    if len(linears) != 1:
+        return None
+    (linear,) = linears
+    deq, x_inner = _arg(linear, 1, "weight"), linear.args[0]
+    if cast_dtype(deq) is None or _arg(linear, 2, "bias") is not None:
+        return None
+    weight, x = outer.get(deq.args[0]), outer.get(x_inner)
+    if weight is None or x is None or "NF4" not in type(meta_value(weight)).__name__:
+        return None
+    quant = {"kind": "torchao_nf4", "weight": weight, "shape": [int(d) for d in meta_value(weight).shape]}
+    extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
+    return LinearView(getitem, x, WeightRef(weight, transposed=False), None, (getitem, hop) + extra, quant=quant)
 
 
 def _owning_module(node: fx.Node):

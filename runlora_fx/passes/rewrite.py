@@ -120,9 +120,8 @@ def _site_report(site: LoraSite, choice) -> SiteReport:
     original = chosen = None
     if f_costs["forward1"]["value"] is not None and b_costs.get("backward1", {}).get("value") is not None:
         original = f_costs["forward1"]["value"] + b_costs["backward1"]["value"]
-        f_val = _plan_flops(site, "forward", f_name, hint)
-        b_val = _plan_flops(site, "backward", b_name, hint)
-        chosen = f_val + b_val
+        chosen = (_chosen_flops(site, f_costs, "forward", f_name, hint)
+                  + _chosen_flops(site, b_costs, "backward", b_name, hint))
     act = None
     if hint is not None:
         a_bytes = torch.empty((), dtype=site.adapter_dtype or site.dtype).element_size()
@@ -152,10 +151,16 @@ def _estimates(estimated: Optional[dict]) -> Optional[dict]:
             "device": estimated["device"], "n": estimated["n"]}
 
 
-def _plan_flops(site: LoraSite, kind: str, name: str, n_value: int) -> int:
+def _chosen_flops(site: LoraSite, costs: dict, kind: str, name: str, n_value: int) -> int:
+    """The chosen plan's cost as priced (dequantization included); a plan forced from
+    outside the priced set is priced here."""
+    entry = costs.get(name)
+    if entry is not None and entry["value"] is not None:
+        return entry["value"]
+    dequant = site.o * site.i if site.base.quant is not None and (kind == "forward" or site.needs.x) else 0
     if kind == "forward":
-        return int(FORWARD_PLANS[name].flops(n_value, site.i, site.o, site.r))
-    return int(BACKWARD_PLANS[name].flops(n_value, site.i, site.o, site.r, site.needs))
+        return int(FORWARD_PLANS[name].flops(n_value, site.i, site.o, site.r)) + dequant
+    return int(BACKWARD_PLANS[name].flops(n_value, site.i, site.o, site.r, site.needs)) + dequant
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
@@ -176,10 +181,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
                 _scaling_arg(graph, site, add), replaced.get(site.x_lora, site.x_lora), site.adapter_dtype,
                 str(choice.forward), str(choice.backward),
             )
-            if site.base.quant is not None:
-                args = _quantized_args(site.base.quant, args)
-            op = torch.ops.runlora.lora_linear.default if site.base.quant is None else \
-                torch.ops.runlora.lora_linear_4bit.default
+            op, args = _quantized_call(site.base.quant, args)
             new = graph.call_function(op, args)
             new.meta.update(add.meta)
             out = new
@@ -190,7 +192,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
                 _set_value(out, meta_value(add), add)
         add.replace_all_uses_with(out)
         replaced[add] = out
-        for node in [add, *site.base.nodes, *site.lora.nodes, site.base.x]:
+        x_chain = [] if site.base.x in replaced else [site.base.x]  # an earlier site's add is gone already
+        for node in [add, *site.base.nodes, *site.lora.nodes, *x_chain]:
             if isinstance(node, fx.Node) and node.graph is graph and not node.users and node.op != "placeholder":
                 graph.erase_node(node)
     graph.lint()
@@ -221,12 +224,18 @@ def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
     return node
 
 
-def _quantized_args(quant: dict, args: tuple) -> tuple:
-    """lora_linear's arguments rearranged for lora_linear_4bit (the packed weight replaces W)."""
+def _quantized_call(quant: Optional[dict], args: tuple) -> tuple:
+    """The target and arguments for a site's base: plain, bitsandbytes 4-bit or torchao NF4."""
+    if quant is None:
+        return torch.ops.runlora.lora_linear.default, args
     x, _, bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd = args
-    return (x, quant["qweight"], quant["absmax"], quant.get("absmax_8bit"), quant.get("absmax_code"),
-            quant.get("absmax_offset"), quant["shape"], int(quant["blocksize"]), quant["quant_type"], bias,
-            lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
+    if quant.get("kind") == "torchao_nf4":
+        from ..qlora import lora_linear_nf4
+        return lora_linear_nf4, (x, quant["weight"], bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
+    return torch.ops.runlora.lora_linear_4bit.default, (
+        x, quant["qweight"], quant["absmax"], quant.get("absmax_8bit"), quant.get("absmax_code"),
+        quant.get("absmax_offset"), quant["shape"], int(quant["blocksize"]), quant["quant_type"], bias,
+        lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
 
 
 def _scaling_arg(graph: fx.Graph, site: LoraSite, like: fx.Node):
