@@ -17,7 +17,7 @@ import torch
 from .dump import dump_graph, readable
 from .autotune import Autotuner
 from .lowering import lower_runlora_ops
-from .passes.rewrite import rewrite
+from .passes.rewrite import check_forced_plans, rewrite
 from .select import check_criterion
 
 __all__ = ["make_backend", "runlora_backend", "default_lowering"]
@@ -68,6 +68,7 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, cri
     if lowering is not None and lowering not in _LOWERINGS:
         raise ValueError(f"runlora: lowering={lowering!r}, expected one of {_LOWERINGS} or None")
     check_criterion(criterion)
+    check_forced_plans(forward_plan, backward_plan)
     if criterion == "time" and tuner is None:
         tuner = Autotuner(time_budget_s=time_budget_s)
     reports = []

@@ -273,6 +273,15 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return backup
 
 
+def check_forced_plans(forward_plan: Optional[str], backward_plan: Optional[str]) -> list:
+    """[(spec, kind)] of the forced plans; ValueError naming the known plans if one is unknown."""
+    forced = [(spec, kind) for spec, kind in ((forward_plan, "forward"), (backward_plan, "backward")) if spec]
+    for spec, kind in forced:
+        for name in parse_plan(spec).names:
+            resolve_plan(name, 0, kind)
+    return forced
+
+
 def _rejects_forced_plan(site: LoraSite, forced: list, rejected: list) -> bool:
     """A forced merged plan (W + sBA) is illegal where x_lora is separate or dtypes mix:
     the site is left alone and reported, as for any other legality rule."""
@@ -329,10 +338,7 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
     check_criterion(criterion)
     if criterion == "time" and tuner is None:
         tuner = Autotuner(time_budget_s=time_budget_s)
-    forced = [(spec, kind) for spec, kind in ((forward_plan, "forward"), (backward_plan, "backward")) if spec]
-    for spec, kind in forced:
-        for name in parse_plan(spec).names:
-            resolve_plan(name, 0, kind)  # ValueError naming the known plans
+    forced = check_forced_plans(forward_plan, backward_plan)
     report = RewriteReport(graph=graph_name, criterion=criterion)
     backup = _copy_graph(gm)
     try:
