@@ -53,6 +53,7 @@ COLUMNS = [
     common.Column("ms", "step ms", "{:.1f}"),
     common.Column("peak_gib", "peak GiB", "{:.2f}"),
     common.Column("first_s", "1st step s", "{:.1f}"),
+    common.Column("pass_share", "pass % of 1st", "{:.1%}"),
     common.Column("speedup_vs_peft_eager", "vs peft_eager", "{:.2f}x"),
     common.Column("speedup_vs_peft_inductor", "vs peft_inductor", "{:.2f}x"),
     common.Column("x_frozen", "x frozen", "{:.2f}"),
@@ -249,12 +250,14 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
     timing = common.Timing(first_s, times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     sites, plans = site_summary(backend)
+    pass_s = sum(r.pass_seconds for r in backend.reports) if backend is not None else None
     row = {
         "model": name, "layers": args.layers or spec.layers, "mode": mode, "batch": args.batch, "seq": args.seq,
         "rank": args.rank, "dtype": args.dtype, "qlora": args.qlora, "adapters": "fp32" if args.fp32_adapters else args.dtype,
         "optimizer": optimizer is not None, "trainable_params": sum(p.numel() for p in trainable),
         "ms": timing.median_ms, "min_ms": timing.min_ms, "times_ms": timing.times_ms, "first_s": first_s,
         "peak_gib": peak, "allocated_before_gib": before, "sites": sites, "plans": plans,
+        "pass_s": pass_s, "pass_share": None if pass_s is None else pass_s / first_s,
     }
     del compiled, model, optimizer, step, batch, trainable, leaves
     _free(args.device)

@@ -2,7 +2,7 @@
 
 Schema of ``to_dict()`` (version 1, stable; new keys may be added, none removed)::
 
-    {"schema": 1, "graph": str, "criterion": str,
+    {"schema": 1, "graph": str, "criterion": str, "pass_seconds": float,
      "sites": [{"path", "node", "n", "n_hint", "i", "o", "r", "dtype", "adapter_dtype",
                 "separate_lora_input", "needs": {"x", "lora_A", "lora_B"},
                 "forward_plan", "backward_plan",
@@ -88,6 +88,7 @@ class RewriteReport:
     criterion: str = "flops"
     sites: list = dataclasses.field(default_factory=list)
     rejected: list = dataclasses.field(default_factory=list)
+    pass_seconds: float = 0.0  # wall time of the pass (match, choose, rewrite) on this graph
 
     @property
     def rewritten(self) -> int:
@@ -96,6 +97,7 @@ class RewriteReport:
     def extend(self, other: "RewriteReport") -> None:
         self.sites.extend(other.sites)
         self.rejected.extend(other.rejected)
+        self.pass_seconds += other.pass_seconds
 
     def plan_counts(self) -> dict:
         return dict(collections.Counter(f"{s.forward_plan}/{s.backward_plan}" for s in self.sites))
@@ -143,6 +145,7 @@ class RewriteReport:
             "schema": 1,
             "graph": self.graph,
             "criterion": self.criterion,
+            "pass_seconds": self.pass_seconds,
             "sites": sites,
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "totals": self.totals(),

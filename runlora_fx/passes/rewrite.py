@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import time
 import math
 import warnings
 from typing import Optional
@@ -339,6 +340,7 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
     if criterion == "time" and tuner is None:
         tuner = Autotuner(time_budget_s=time_budget_s)
     forced = check_forced_plans(forward_plan, backward_plan)
+    started = time.perf_counter()
     report = RewriteReport(graph=graph_name, criterion=criterion)
     backup = _copy_graph(gm)
     try:
@@ -358,5 +360,6 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
         gm.graph = backup
         gm.recompile()
         return RewriteReport(graph=graph_name, criterion=criterion)
+    report.pass_seconds = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
