@@ -30,13 +30,18 @@ __all__ = ["lowered_lora_linear", "lower_runlora_ops"]
 
 
 class _LoweredLoRA(torch.autograd.Function):
+    """The plan's chain as an autograd.Function. ``weight`` may also be a weight-only
+    quantized tensor subclass that dequantizes on ``.to(dtype)`` (torchao's NF4Tensor): it is
+    dequantized in forward, and in backward only when dX is needed; for a dense W in x's
+    dtype ``.to`` returns W itself."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype, forward_plan, backward_plan):
         i, o = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
         plan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward")
-        y = plan.run(x2, weight, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
+        y = plan.run(x2, weight.to(x.dtype), bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
         ctx.scaling, ctx.adapter_dtype, ctx.backward_plan = scaling, adapter_dtype, backward_plan
         return y.reshape(*x.shape[:-1], o)
@@ -48,10 +53,10 @@ class _LoweredLoRA(torch.autograd.Function):
         i, o = weight.shape[1], weight.shape[0]
         g2 = grad_y.reshape(-1, o)
         plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
+        needs = Needs(x=need[0] or need[6], lora_A=need[3], lora_B=need[4])
         gx, gxl, ga, gb = plan.run(
-            g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
-            None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype,
-            Needs(x=need[0] or need[6], lora_A=need[3], lora_B=need[4]),
+            g2, x.reshape(-1, i), weight.to(x.dtype) if needs.x else None, lora_A, lora_B, ctx.scaling,
+            None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs,
         )
         return (
             None if gx is None or not need[0] else gx.reshape(x.shape), None, None,

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._compat import size_hint
 from .cost import resolve_plan
+from .lowering import lowered_lora_linear
 from .ops import check_lora_args
 from .plans import Needs
 
@@ -151,44 +151,14 @@ def _flops(x_shape, *args, **kwargs):
     return int(resolve_plan(forward_plan, n, "forward").flops(n, shape[1], shape[0], a_shape[0]))
 
 
-class _LoRALinearNF4(torch.autograd.Function):
+def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
+                    forward_plan="forward1", backward_plan="backward1"):
     """The LoRA layer on a torchao ``NF4Tensor`` base (torchtune's QLoRA).
 
     NF4Tensor is a tensor subclass that dequantizes on ``.to(dtype)``; a torch.library op
-    cannot take it, so this path is an autograd.Function that torch.compile traces (subclass
-    and all) into the graph. Same contract as ``lora_linear_4bit``: dequantize in forward,
-    again in backward only for dX; save the NF4 weight, never its dequantized copy.
+    cannot take it, so this path is the lowered autograd.Function (``lowering.py``), which
+    torch.compile traces subclass and all. Same contract as ``lora_linear_4bit``: dequantize
+    in forward, again in backward only for dX; save the NF4 weight, never its dequantized copy.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype, forward_plan, backward_plan):
-        o, i = weight.shape
-        x2 = x.reshape(-1, i)
-        plan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward")
-        y = plan.run(x2, weight.to(x.dtype), bias, lora_A, lora_B, scaling,
-                     None if x_lora is None else x_lora.reshape(-1, i), adapter_dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
-        ctx.scaling, ctx.adapter_dtype, ctx.backward_plan = scaling, adapter_dtype, backward_plan
-        return y.reshape(*x.shape[:-1], o)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, x_lora = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        o, i = weight.shape
-        g2 = grad_y.reshape(-1, o)
-        plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
-        needs = Needs(x=need[0] or need[6], lora_A=need[3], lora_B=need[4])
-        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight.to(x.dtype) if needs.x else None, lora_A, lora_B,
-                                   ctx.scaling, None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype,
-                                   needs)
-        return (None if gx is None or not need[0] else gx.reshape(x.shape), None, None,
-                ga if need[3] else None, gb if need[4] else None, None,
-                None if gxl is None or not need[6] else gxl.reshape(x.shape), None, None, None)
-
-
-def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
-                    forward_plan="forward1", backward_plan="backward1"):
-    """``runlora.lora_linear``'s contract with a torchao NF4Tensor as W."""
-    return _LoRALinearNF4.apply(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
-                                forward_plan, backward_plan)
+    return lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
+                               forward_plan, backward_plan)
