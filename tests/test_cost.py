@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runlora_fx.cost import choose_plan, parse_plan
-from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, i, n, o, r
+from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, i, n, o
 
 
 def test_forward2_wins_iff_n_above_io_over_i_plus_o():

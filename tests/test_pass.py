@@ -6,7 +6,6 @@ import operator
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
