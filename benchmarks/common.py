@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from runlora_fx.autotune import cpu_model
+
 __all__ = [
     "DTYPES",
     "Column",
@@ -182,17 +184,6 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: str) -> dict:
     """Date, machine, library versions: the header of every result file."""
     import importlib.metadata as md
@@ -206,7 +197,7 @@ def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -58,6 +58,7 @@ __all__ = [
     "SiteInputs",
     "TuneKey",
     "cache_path",
+    "cpu_model",
     "default_cache_dir",
     "device_name",
     "measure_pair",
@@ -99,11 +100,12 @@ def device_name(device) -> str:
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
     if dev.type == "cpu":
-        return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
     return dev.type
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -113,9 +113,8 @@ def _site_report(site: LoraSite, choice) -> SiteReport:
                 expr = sympy.sympify(size.node.expr)
                 if expr.is_Symbol:
                     hint_subs[expr] = size_hint(size)
-    n_at = hint if hint is not None else None
-    f_name = choice.forward.at(n_at) if n_at is not None else choice.forward.pieces[0][1]
-    b_name = choice.backward.at(n_at) if n_at is not None else choice.backward.pieces[0][1]
+    f_name = choice.forward.at(hint) if hint is not None else choice.forward.pieces[0][1]
+    b_name = choice.backward.at(hint) if hint is not None else choice.backward.pieces[0][1]
     f_costs = {k: cost_entry(v, hint_subs) for k, v in choice.forward_costs.items()}
     b_costs = {k: cost_entry(v, hint_subs) for k, v in choice.backward_costs.items()}
     original = chosen = None
