@@ -8,7 +8,9 @@
 At each grid point ``NxIxOxR`` (all of x, A, B need gradients, no bias, W frozen):
 
 1. ``flops`` and ``roofline`` choose from their models (``runlora_fx.select.choose``; the
-   roofline with the device's table entry, ``runlora_fx.roofline.DEVICE_MODELS``).
+   roofline with the device's table entry, ``runlora_fx.roofline.DEVICE_MODELS``). With
+   ``--device-model FILE.json`` (``runlora-fx calibrate --json``) a fourth row,
+   ``roofline_calibrated``, uses the measured constants.
 2. ``time`` chooses by measuring: a fresh ``Autotuner`` (empty cache in a temporary
    directory) times every applicable pair (``--tune-repeats`` repeats).
 3. Then, separately, every applicable pair is timed again, round-robin (``--repeats``;
@@ -69,13 +71,16 @@ def pair_flops(pair: str, n: int, i: int, o: int, r: int) -> int:
 
 
 def run_point(point, *, device: str, dtype: torch.dtype, allow_merged: bool, warmup: int, repeats: int,
-              tune_repeats: int, cache_dir: str) -> list:
+              tune_repeats: int, cache_dir: str, device_model: Optional[str] = None) -> list:
     n, i, o, r = point
     args = dict(allow_merged=allow_merged, dtype=dtype, device=device)
     chosen = {}
     for criterion in ("flops", "roofline"):
         c = choose(n, i, o, r, criterion=criterion, **args)
         chosen[criterion] = f"{c.forward}/{c.backward}"
+    if device_model:
+        c = choose(n, i, o, r, criterion="roofline", device_model=device_model, **args)
+        chosen["roofline_calibrated"] = f"{c.forward}/{c.backward}"
     tuner = Autotuner(cache_dir=cache_dir, repeats=tune_repeats, warmup=warmup, persist=False)
     c = choose(n, i, o, r, criterion="time", tuner=tuner, **args)
     chosen["time"] = f"{c.forward}/{c.backward}" + ("" if c.criterion == "time" else f" ({c.criterion})")
@@ -89,7 +94,7 @@ def run_point(point, *, device: str, dtype: torch.dtype, allow_merged: bool, war
     best = min(ms, key=ms.get)
     label = f"{n}x{i}->{o}, r{r} {str(dtype).removeprefix('torch.')}"
     rows = []
-    for criterion in CRITERIA:
+    for criterion in [c for c in (*CRITERIA, "roofline_calibrated") if c in chosen]:
         pair = chosen[criterion].split(" ")[0]
         rows.append({
             "shape": label, "n": n, "i": i, "o": o, "r": r, "criterion": criterion, "pair": chosen[criterion],
@@ -111,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per pair (default 10 cuda, 5 cpu)")
     parser.add_argument("--tune-repeats", type=int, default=None, help="the tuner's repeats (default 3 cpu, 10 cuda)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--device-model", metavar="FILE.json",
+                        help="measured roofline constants (runlora-fx calibrate --json): adds roofline_calibrated")
     parser.add_argument("--json", help="write rows and environment here")
     parser.add_argument("--md", help="write the markdown table here")
     args = parser.parse_args(argv)
@@ -132,7 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         for point in grid:
             print(f"# {'x'.join(map(str, point))}", file=sys.stderr, flush=True)
             rows += run_point(point, device=args.device, dtype=dtype, allow_merged=allow_merged, warmup=warmup,
-                              repeats=repeats, tune_repeats=tune_repeats, cache_dir=cache_dir)
+                              repeats=repeats, tune_repeats=tune_repeats, cache_dir=cache_dir,
+                              device_model=args.device_model)
             table = common.markdown_table(rows, COLUMNS)
             common.write_outputs(rows=rows, env=env, argv=command, table=table, json_path=args.json,
                                  md_path=args.md, title="Plan choice by criterion, one layer, forward + backward")

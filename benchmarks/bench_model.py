@@ -18,6 +18,9 @@ but the output head. Modes:
     runlora_opaque    the same with lowering="opaque" (the op stays one kernel call)
     runlora_eager     (not default) the pass, then the rewritten graph runs eagerly (inner="eager"):
                       the nearest thing to RunLoRA's own eager module swap
+    runlora_roofline  (not default) runlora with criterion="roofline"
+    runlora_time      (not default) runlora with criterion="time": plans measured at compile
+                      time (the first step's seconds include the measuring; cache as usual)
 
 ``--dtype bfloat16`` puts the base in bf16 and keeps the adapters in bf16 (peft's
 ``autocast_adapter_dtype=False``); ``--fp32-adapters`` gives peft's default fp32 adapters.
@@ -44,7 +47,8 @@ import common  # noqa: E402
 import runlora_fx  # noqa: E402
 
 DEFAULT_MODES = ["frozen_inductor", "peft_eager", "peft_inductor", "runlora", "runlora_opaque"]
-ALL_MODES = DEFAULT_MODES + ["runlora_eager"]
+CRITERION_MODES = {"runlora_roofline": "roofline", "runlora_time": "time"}  # runlora, another criterion
+ALL_MODES = DEFAULT_MODES + ["runlora_eager", *CRITERION_MODES]
 QUICK_MODEL = "llama_tiny"
 
 COLUMNS = [
@@ -185,7 +189,8 @@ def compile_model(model, mode: str, *, inner: str, allow_merged: Optional[bool])
         return torch.compile(model, backend=inner), None
     lowering = "opaque" if mode == "runlora_opaque" else "aten"
     inner = "eager" if mode == "runlora_eager" else inner
-    backend = runlora_fx.make_backend(inner=inner, lowering=lowering, allow_merged=allow_merged)
+    backend = runlora_fx.make_backend(inner=inner, lowering=lowering, allow_merged=allow_merged,
+                                      criterion=CRITERION_MODES.get(mode, "flops"))
     return torch.compile(model, backend=backend), backend
 
 

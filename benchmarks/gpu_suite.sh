@@ -8,29 +8,36 @@
 #
 #     DEVICE=cpu QUICK=1 OUT=/tmp/x bash benchmarks/gpu_suite.sh
 #
-# (add PYTHON=/path/to/venv/bin/python where `python` has no torch)
+# (add PYTHON=/path/to/venv/bin/python where `python` has no torch). bitsandbytes and torchao
+# are not on the GPU machine: unpack their wheels into .gpusite/site (git-ignored, carried
+# with the run) and the suite puts that folder on PYTHONPATH.
 #
-# Steps, each under `timeout` and within a total budget (BUDGET_S, default 480 s):
-#   1. correctness: the op vs eager (every plan pair) and the runlora backend vs eager, on
-#      DEVICE in bf16 (fp32 on CPU); then pytest tests/test_ops.py if it, pytest and hypothesis exist
-#   2. bench_layer: 16384x4096x4096x8, 8192x2048x5632x16, 8192x5632x2048x16, bf16
-#   3. bench_model: tinyllama11, B=8 S=1024 r=16, bf16 base and adapters, all five modes
-#   4. if time is left: RunLoRA README rows (llama_130m b=64 r=8, llama_350m b=48 r=128,
-#      forward + backward only, merged plans allowed as RunLoRA does)
+# Steps, each under `timeout` and within a total budget (BUDGET_S, default 500 s):
+#   1. calibrate: the roofline's constants measured on DEVICE (device_model.json)
+#   2. correctness: the op vs eager (every plan pair) and the runlora backend vs eager, on
+#      DEVICE in bf16 (fp32 on CPU); QLoRA (check_qlora.py) if bitsandbytes imports
+#   3. bench_criteria: flops / roofline / calibrated roofline / time, one layer per grid point
+#   4. QLoRA step (bitsandbytes NF4 base): tinyllama11 B=8 S=1024 r=16, peft eager, peft +
+#      inductor, runlora
+#   5. criteria step: tinyllama11 with merged plans allowed, runlora by flops / roofline /
+#      time, and peft + inductor
+#   6. if time is left: pytest tests/test_qlora.py (export matching on this torch)
+#   7. with EXTRA=1, if time is left: bench_layer and the five-mode tinyllama11 step
 # A step that fails or times out is recorded and the next one runs. Every result file is
 # written as it grows, so a step cut short keeps what it measured. $OUT gets at most 8 files
-# (the device tool returns no more): suite.log, summary.md, layer.json, model.json,
-# paper_llama_130m.json, paper_llama_350m.json.
+# (the device tool returns no more): suite.log, summary.md, device_model.json,
+# criteria.json, qlora_model.json, criteria_model.json (+ layer.json, model.json with EXTRA=1).
 #
 # Env: OUT (required), DEVICE (cuda|cpu, default cuda), QUICK (1: tiny sizes), PYTHON
-# (default python), INNER (inductor|aot_eager), BUDGET_S.
+# (default python), INNER (inductor|aot_eager), BUDGET_S, EXTRA (1: step 7).
 set -u
 
 : "${OUT:?set OUT to an output directory}"
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PYTHON=${PYTHON:-python}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-500}
+EXTRA=${EXTRA:-0}
 if [ "$QUICK" = 1 ]; then INNER=${INNER:-aot_eager}; else INNER=${INNER:-inductor}; fi
 if [ "$DEVICE" = cuda ]; then DTYPE=bfloat16; else DTYPE=float32; fi
 export PYTHONUNBUFFERED=1
@@ -40,6 +47,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1  # the repo root, whatever the caller's directory
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpusite/site ] && export PYTHONPATH="$PWD/.gpusite/site:$PYTHONPATH"
 LOG="$OUT/suite.log"
 SUMMARY="$OUT/summary.md"
 MD_DIR=$(mktemp -d)
@@ -97,10 +105,18 @@ trap write_summary EXIT
   timeout 60 "$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")' 2>&1
   timeout 60 "$PYTHON" -c 'import transformers, peft; print("transformers", transformers.__version__, "peft", peft.__version__)' 2>&1
+  timeout 60 "$PYTHON" -c 'import bitsandbytes; print("bitsandbytes", bitsandbytes.__version__)' 2>&1 | tail -1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1
 } >>"$LOG" 2>&1
 
-# --- 1. correctness -----------------------------------------------------------------------
+# --- 1. calibrate ------------------------------------------------------------------------
+if [ "$QUICK" = 1 ]; then CAL_DTYPES=float32; else CAL_DTYPES=bfloat16,float32; fi
+run_step calibrate 60 "$PYTHON" -m runlora_fx.cli calibrate --device "$DEVICE" --dtypes "$CAL_DTYPES" \
+  --json "$OUT/device_model.json"
+DEVICE_MODEL_ARGS=()
+[ -s "$OUT/device_model.json" ] && DEVICE_MODEL_ARGS=(--device-model "$OUT/device_model.json")
+
+# --- 2. correctness -----------------------------------------------------------------------
 cat >"$MD_DIR/check.py" <<'EOF'
 import sys, torch, torch.nn.functional as F, runlora_fx
 dev = sys.argv[1]
@@ -146,46 +162,55 @@ for lowering in ("aten", "opaque"):
 sys.exit(0 if all(oks) else 1)
 EOF
 run_step check_op_vs_eager 60 "$PYTHON" "$MD_DIR/check.py" "$DEVICE" "$INNER"
-if [ -f tests/test_ops.py ] && "$PYTHON" -c 'import pytest, hypothesis' 2>/dev/null; then
-  run_step pytest_test_ops 50 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops.py
+
+if "$PYTHON" -c 'import bitsandbytes' 2>/dev/null; then
+  HAVE_BNB=1
+  run_step check_qlora 90 "$PYTHON" benchmarks/check_qlora.py --device "$DEVICE" --dtype "$DTYPE" --inner "$INNER"
 else
-  log "SKIP pytest_test_ops: tests/test_ops.py, pytest or hypothesis missing"
+  HAVE_BNB=0
+  log "SKIP check_qlora and the QLoRA step: bitsandbytes does not import"
 fi
 
-# --- 2. layer -----------------------------------------------------------------------------
-if [ "$QUICK" = 1 ]; then
-  LAYER_ARGS=(--quick)
-else
-  LAYER_ARGS=(--grid 16384x4096x4096x8 --grid 8192x2048x5632x16 --grid 8192x5632x2048x16)
-fi
-run_step bench_layer 150 "$PYTHON" benchmarks/bench_layer.py --device "$DEVICE" --dtype "$DTYPE" \
-  --inner "$INNER" "${LAYER_ARGS[@]}" --json "$OUT/layer.json" --md "$MD_DIR/1_layer.md"
+# --- 3. criteria, one layer ---------------------------------------------------------------
+if [ "$QUICK" = 1 ]; then CRITERIA_ARGS=(--quick); else CRITERIA_ARGS=(--allow-merged); fi
+run_step bench_criteria 120 "$PYTHON" benchmarks/bench_criteria.py --device "$DEVICE" --dtype "$DTYPE" \
+  "${CRITERIA_ARGS[@]}" "${DEVICE_MODEL_ARGS[@]}" --json "$OUT/criteria.json" --md "$MD_DIR/1_criteria.md"
 
-# --- 3. model -----------------------------------------------------------------------------
+# --- 4. QLoRA step ------------------------------------------------------------------------
 if [ "$QUICK" = 1 ]; then
   MODEL_ARGS=(--quick)
 else
   MODEL_ARGS=(--models tinyllama11 --batch 8 --seq 1024 --rank 16)
 fi
-run_step bench_model_tinyllama11 210 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
-  --inner "$INNER" "${MODEL_ARGS[@]}" --modes peft_eager,peft_inductor,runlora,frozen_inductor,runlora_opaque \
-  --json "$OUT/model.json" --md "$MD_DIR/2_model.md"
+if [ "$HAVE_BNB" = 1 ]; then
+  run_step bench_model_qlora 150 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
+    --inner "$INNER" "${MODEL_ARGS[@]}" --qlora nf4 --modes peft_eager,peft_inductor,runlora --warmup 3 --repeats 5 \
+    --json "$OUT/qlora_model.json" --md "$MD_DIR/2_qlora_model.md"
+fi
 
-# --- 4. RunLoRA README rows, if time is left ----------------------------------------------
-paper_row() {  # paper_row MODEL BATCH RANK LIMIT_S
-  local model=$1 batch=$2 rank=$3 limit=$4 size_args
-  if [ "$QUICK" = 1 ]; then size_args=(--layers 1 --batch 1 --seq 64); else size_args=(--batch "$batch" --seq 1024); fi
-  if [ "$(left)" -lt 60 ]; then
-    log "SKIP paper_$model: $(left)s left"
-    STEPS+=("| paper_$model | skipped | 0 |")
-    return 0
+# --- 5. criteria, model step --------------------------------------------------------------
+run_step bench_model_criteria 200 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
+  --inner "$INNER" "${MODEL_ARGS[@]}" --allow-merged --warmup 3 --repeats 5 \
+  --modes peft_inductor,runlora,runlora_roofline,runlora_time \
+  --json "$OUT/criteria_model.json" --md "$MD_DIR/3_criteria_model.md"
+
+# --- 6. the QLoRA tests (CPU tensors, this machine's torch), if time is left ---------------
+if [ "$HAVE_BNB" = 1 ] && "$PYTHON" -c 'import pytest, hypothesis' 2>/dev/null; then
+  run_step pytest_test_qlora 90 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_qlora.py
+fi
+
+# --- 7. earlier sessions' steps, on request -----------------------------------------------
+if [ "$EXTRA" = 1 ]; then
+  if [ "$QUICK" = 1 ]; then
+    LAYER_ARGS=(--quick)
+  else
+    LAYER_ARGS=(--grid 16384x4096x4096x8 --grid 8192x2048x5632x16 --grid 8192x5632x2048x16)
   fi
-  run_step "paper_$model" "$limit" "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
-    --inner "$INNER" --models "$model" "${size_args[@]}" --rank "$rank" --no-optimizer --allow-merged \
-    --modes peft_eager,runlora_eager,runlora,peft_inductor --warmup 2 --repeats 5 \
-    --json "$OUT/paper_$model.json" --md "$MD_DIR/3_paper_$model.md"
-}
-paper_row llama_130m 64 8 100
-paper_row llama_350m 48 128 $(($(left) - 5))
+  run_step bench_layer 150 "$PYTHON" benchmarks/bench_layer.py --device "$DEVICE" --dtype "$DTYPE" \
+    --inner "$INNER" "${LAYER_ARGS[@]}" --json "$OUT/layer.json" --md "$MD_DIR/4_layer.md"
+  run_step bench_model_tinyllama11 210 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
+    --inner "$INNER" "${MODEL_ARGS[@]}" --modes peft_eager,peft_inductor,runlora,frozen_inductor,runlora_opaque \
+    --json "$OUT/model.json" --md "$MD_DIR/5_model.md"
+fi
 
 log "suite done in ${SECONDS}s"

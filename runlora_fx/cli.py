@@ -3,6 +3,7 @@
     runlora-fx explain model.pt2 --write model.runlora.pt2     # rewrite a torch.export program
     runlora-fx explain mypkg.models:make_model --json          # dry run on a model from a factory
     runlora-fx regions --in 4096 --out 11008 -o regions.png    # where each plan wins, by FLOPs
+    runlora-fx calibrate --device cuda --json h200.json        # measure the roofline's device constants
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ examples:
   runlora-fx explain mypkg.models:make_model --json   dry run on the model a factory returns
   runlora-fx regions --in 4096 --out 11008 -o regions.png
                                                       which plan pair wins for a 4096->11008 layer
+  runlora-fx calibrate --device cuda --json gpu.json  measure matmul rate, bandwidth and per-kernel cost;
+                                                      use with criterion="roofline", device_model="gpu.json"
 
 Run 'runlora-fx COMMAND --help' for a command's options.
 """
@@ -122,7 +125,54 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where to write the plot (default regions.png; with --json, no plot unless given)")
     regions.add_argument("--json", action="store_true", help="print the grid of winners as JSON")
     regions.set_defaults(run=_run_regions)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this device's roofline constants (matmul rate, bandwidth, per-kernel cost)",
+        description="Measures the constants criterion='roofline' uses, on this machine's device, and prints them "
+                    "(or writes them as JSON for device_model='FILE.json').",
+    )
+    calibrate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                           help="cuda, cuda:1 or cpu (default: cuda if available)")
+    calibrate.add_argument("--dtypes", default="bfloat16,float32",
+                           help="matmul dtypes to measure, comma-separated (default bfloat16,float32)")
+    calibrate.add_argument("--json", metavar="FILE", help="write the device model here")
+    calibrate.set_defaults(run=_run_calibrate)
     return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_calibrate(args) -> int:
+    import json
+
+    import torch
+
+    from .roofline import calibrate, device_model_for
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]
+    if unknown:
+        raise CliError(f"calibrate: unknown dtypes {unknown}; expected names such as bfloat16, float32")
+    try:
+        measured = calibrate(args.device, dtypes)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    table = device_model_for(args.device)
+    print(f"{measured.name}  (table: {table.name})")
+    for key in dtypes:
+        table_peak = table.peak_flops.get(key, 0) / 1e12
+        print(f"  peak {key:<9} {measured.peak_flops[key] / 1e12:8.2f} TFLOP/s   table {table_peak:8.2f}")
+    print(f"  bandwidth      {measured.bandwidth / 1e9:8.1f} GB/s       table {table.bandwidth / 1e9:8.1f}")
+    print(f"  launch         {measured.launch_s * 1e6:8.2f} us          table {table.launch_s * 1e6:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(measured.to_dict(), f, indent=2)
+        print(f"{_PROG}: wrote {args.json}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,27 +1,35 @@
-"""QLoRA: ``runlora.lora_linear_4bit``, the op for a 4-bit (bitsandbytes NF4/FP4) base weight.
+"""QLoRA: ``runlora.lora_linear_4bit``, the op for a 4-bit base weight.
 
-Matches (peft on a bitsandbytes ``Linear4bit``, Dynamo graph)::
+Matches (peft on a bitsandbytes ``Linear4bit``, Dynamo or torch.export graph)::
 
     base = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, (o, i), absmax, 64, 'nf4',
                                                     bias=b, absmax_8bit=..., absmax_code=..., absmax_offset=...)
     y    = base + linear(linear(x, A), B) * s
 
+and (torchao's NF4Tensor as torch.export unwraps it, see ``passes/normalize.py``)::
+
+    data = torch.ops.export.access_subclass_inner_tensor.default(nf4_weight, 'quantized_data')  # ... x5
+    base = aten.linear(x, <dequantization of the five inner tensors>)
+
 Rewrite to::
 
-    y = torch.ops.runlora.lora_linear_4bit.default(x, packed, absmax, absmax_8bit, absmax_code, absmax_offset,
-                                                   [o, i], 64, 'nf4', b, A, B, s, None, None, 'forward1', 'backward1')
+    y = torch.ops.runlora.lora_linear_4bit.default(x, [packed, absmax, absmax_8bit, absmax_code, absmax_offset],
+                                                   'bnb_nf4', [64], [o, i], b, A, B, s, None, None,
+                                                   'forward1', 'backward1')
 
-The op dequantizes W inside the forward (once per call; merged plans fold sBA into that
-dequantized W), dequantizes again in the backward only when dX is needed, and saves only its
-inputs: the packed weight and its quantization state, never the dequantized weight.
-Double quantization (absmax stored as 8-bit blocks of 256 with their own absmax and offset)
-is undone exactly as bitsandbytes' own ``gemm_4bit`` does.
+``quant_type`` names the packed format, ``qtensors`` and ``quant_args`` its pieces
+(``QUANT_FORMATS``). The op dequantizes W inside the forward (once per call; merged plans
+fold sBA into that dequantized W), dequantizes again in the backward only when dX is
+needed, and saves only its inputs: the packed weight and its quantization state, never the
+dequantized weight. Each format is undone exactly as its library does (bitsandbytes'
+``dequantize_4bit`` with double quantization; torchao's ``NF4Tensor.to(dtype)``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,22 +40,69 @@ from .lowering import lowered_lora_linear
 from .ops import check_lora_args
 from .plans import Needs
 
-__all__ = ["dequantize_4bit", "lora_linear_4bit", "lora_linear_4bit_backward", "lora_linear_nf4"]
+__all__ = ["QUANT_FORMATS", "dequantize_4bit", "lora_linear_4bit", "lora_linear_4bit_backward", "lora_linear_nf4"]
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' only supported block size for the absmax of absmax
 
 
-def dequantize_4bit(qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, dtype):
-    """The o×i weight in ``dtype`` from bitsandbytes' packed 4-bit form."""
+def _dequantize_bnb(qtensors, quant_args, shape, dtype, quant_type):
+    qweight, absmax, absmax_8bit, absmax_code, absmax_offset = qtensors
+    (blocksize,) = quant_args
     if absmax_8bit is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax_8bit, absmax, absmax_code, _NESTED_BLOCKSIZE, torch.float32) + absmax_offset
     return torch.ops.bitsandbytes.dequantize_4bit.default(qweight, absmax, blocksize, quant_type, list(shape), dtype)
 
 
-def _check(x, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan, backward_plan, quant_type):
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"runlora.lora_linear_4bit: quant_type must be 'nf4' or 'fp4'; got {quant_type!r}")
+def _dequantize_torchao_nf4(qtensors, quant_args, shape, dtype):
+    """torchao's NF4Tensor: two 4-bit codes per byte (high nibble first) looked up in the
+    16-entry ``nf4`` table, times per-block scales that are themselves int8-quantized in
+    blocks of ``scaler_block_size`` around ``scaler_mean``; computed in the weight's dtype."""
+    quantized_data, quantized_scalers, quantization_factor, scaler_mean, nf4 = qtensors
+    block_size, scaler_block_size = quant_args
+    weight_dtype = scaler_mean.dtype
+    high = nf4[(quantized_data >> 4).long()]
+    low = nf4[(quantized_data & 0b1111).long()]
+    scales = (quantized_scalers.view(-1, scaler_block_size) / quantization_factor.unsqueeze(-1)).flatten()
+    scales = scales.to(weight_dtype) + scaler_mean
+    per_byte = scales.unsqueeze(-1).expand(scales.shape[0], block_size // 2).flatten()
+    weight = torch.stack([high * per_byte, low * per_byte], dim=-1).reshape(list(shape))
+    return weight.to(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """One packed 4-bit layout: the names of its tensors and integer arguments, and its dequantizer."""
+
+    tensors: tuple
+    args: tuple
+    dequantize: Callable
+
+
+QUANT_FORMATS = {
+    "bnb_nf4": QuantFormat(("qweight", "absmax", "absmax_8bit", "absmax_code", "absmax_offset"), ("blocksize",),
+                           lambda q, a, s, d: _dequantize_bnb(q, a, s, d, "nf4")),
+    "bnb_fp4": QuantFormat(("qweight", "absmax", "absmax_8bit", "absmax_code", "absmax_offset"), ("blocksize",),
+                           lambda q, a, s, d: _dequantize_bnb(q, a, s, d, "fp4")),
+    "torchao_nf4": QuantFormat(("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"),
+                               ("block_size", "scaler_block_size"), _dequantize_torchao_nf4),
+}
+
+
+def dequantize_4bit(qtensors, quant_type: str, quant_args, shape, dtype: torch.dtype) -> Tensor:
+    """The o×i weight in ``dtype`` from a packed 4-bit form (``QUANT_FORMATS[quant_type]``)."""
+    return QUANT_FORMATS[quant_type].dequantize(list(qtensors), list(quant_args), list(shape), dtype)
+
+
+def _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,
+           backward_plan):
+    fmt = QUANT_FORMATS.get(quant_type)
+    if fmt is None:
+        raise ValueError(f"runlora.lora_linear_4bit: quant_type must be one of {sorted(QUANT_FORMATS)}; "
+                         f"got {quant_type!r}")
+    if len(qtensors) != len(fmt.tensors) or len(quant_args) != len(fmt.args):
+        raise ValueError(f"runlora.lora_linear_4bit: {quant_type} takes tensors {list(fmt.tensors)} and args "
+                         f"{list(fmt.args)}; got {len(qtensors)} tensors and {len(quant_args)} args")
     if len(shape) != 2:
         raise ValueError(f"runlora.lora_linear_4bit: shape must be [out, in]; got {list(shape)}")
     weight_like = x.new_empty(()).expand(*shape)  # shape, dtype and device of W, no memory
@@ -56,16 +111,15 @@ def _check(x, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan, 
 
 @torch.library.custom_op("runlora::lora_linear_4bit", mutates_args=())
 def lora_linear_4bit(
-    x: Tensor, qweight: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor], absmax_code: Optional[Tensor],
-    absmax_offset: Optional[Tensor], shape: list[int], blocksize: int, quant_type: str, bias: Optional[Tensor],
-    lora_A: Tensor, lora_B: Tensor, scaling: float, x_lora: Optional[Tensor] = None,
+    x: Tensor, qtensors: list[Optional[Tensor]], quant_type: str, quant_args: list[int], shape: list[int],
+    bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float, x_lora: Optional[Tensor] = None,
     adapter_dtype: Optional[torch.dtype] = None, forward_plan: str = "forward1", backward_plan: str = "backward1",
 ) -> Tensor:
     """y = x @ dequant(W).T + bias + scaling * ((x_lora @ A.T) @ B.T), by the plan for this n."""
-    _check(x, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan, backward_plan, quant_type)
+    _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,
+           backward_plan)
     o, i = shape
-    weight = dequantize_4bit(qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-                             x.dtype)
+    weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype)
     x2 = x.reshape(-1, i)
     plan = resolve_plan(forward_plan, x2.shape[0], "forward")
     y = plan.run(x2, weight, bias, lora_A, lora_B, scaling, None if x_lora is None else x_lora.reshape(-1, i),
@@ -74,25 +128,22 @@ def lora_linear_4bit(
 
 
 @lora_linear_4bit.register_fake
-def _fake(x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_A,
-          lora_B, scaling, x_lora=None, adapter_dtype=None, forward_plan="forward1", backward_plan="backward1"):
-    _check(x, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan, backward_plan, quant_type)
+def _fake(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling, x_lora=None,
+          adapter_dtype=None, forward_plan="forward1", backward_plan="backward1"):
+    _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,
+           backward_plan)
     return x.new_empty((*x.shape[:-1], shape[0]), dtype=torch.promote_types(x.dtype, lora_A.dtype))
 
 
 @torch.library.custom_op("runlora::lora_linear_4bit_backward", mutates_args=())
 def lora_linear_4bit_backward(
-    grad_y: Tensor, x: Tensor, qweight: Tensor, absmax: Tensor, absmax_8bit: Optional[Tensor],
-    absmax_code: Optional[Tensor], absmax_offset: Optional[Tensor], shape: list[int], blocksize: int, quant_type: str,
-    lora_A: Tensor, lora_B: Tensor, scaling: float, x_lora: Optional[Tensor], adapter_dtype: Optional[torch.dtype],
-    backward_plan: str, needs: list[bool],
+    grad_y: Tensor, x: Tensor, qtensors: list[Optional[Tensor]], quant_type: str, quant_args: list[int],
+    shape: list[int], lora_A: Tensor, lora_B: Tensor, scaling: float, x_lora: Optional[Tensor],
+    adapter_dtype: Optional[torch.dtype], backward_plan: str, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_x_lora, grad_A, grad_B); W is dequantized only when grad_x is needed."""
     o, i = shape
-    weight = None
-    if needs[0]:
-        weight = dequantize_4bit(qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize,
-                                 quant_type, x.dtype)
+    weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype) if needs[0] else None
     g2 = grad_y.reshape(-1, o)
     plan = resolve_plan(backward_plan, g2.shape[0], "backward")
     gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight, lora_A, lora_B, scaling,
@@ -103,8 +154,8 @@ def lora_linear_4bit_backward(
 
 
 @lora_linear_4bit_backward.register_fake
-def _fake_backward(grad_y, x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-                   lora_A, lora_B, scaling, x_lora, adapter_dtype, backward_plan, needs):
+def _fake_backward(grad_y, x, qtensors, quant_type, quant_args, shape, lora_A, lora_B, scaling, x_lora,
+                   adapter_dtype, backward_plan, needs):
     need_x, need_a, need_b = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             x_lora.new_empty(x_lora.shape) if (need_x and x_lora is not None) else x.new_empty(0),
@@ -112,32 +163,37 @@ def _fake_backward(grad_y, x, qweight, absmax, absmax_8bit, absmax_code, absmax_
             lora_B.new_empty(lora_B.shape) if need_b else lora_B.new_empty(0))
 
 
-_N_ARGS = 17
+_N_ARGS = 13
+_X, _QTENSORS, _A, _B, _X_LORA = 0, 1, 6, 7, 9  # argument positions
 
 
 def _setup_context(ctx, inputs, output):
-    (x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type, bias, lora_A, lora_B,
-     scaling, x_lora, adapter_dtype, _, backward_plan) = inputs
+    (x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype, _,
+     backward_plan) = inputs
     if bias is not None and bias.requires_grad:
         raise RuntimeError("runlora.lora_linear_4bit: bias requires grad, expected a frozen base layer")
-    ctx.save_for_backward(x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, lora_A, lora_B, x_lora)
-    ctx.meta = (list(shape), blocksize, quant_type, scaling, adapter_dtype, backward_plan)
+    ctx.save_for_backward(x, lora_A, lora_B, x_lora, *qtensors)
+    ctx.meta = (quant_type, list(quant_args), list(shape), scaling, adapter_dtype, backward_plan)
 
 
 def _backward(ctx, grad_y):
-    x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, lora_A, lora_B, x_lora = ctx.saved_tensors
-    shape, blocksize, quant_type, scaling, adapter_dtype, backward_plan = ctx.meta
-    need = tuple(ctx.needs_input_grad) + (False,) * (_N_ARGS - len(ctx.needs_input_grad))
-    needs = [bool(need[0] or need[13]), bool(need[10]), bool(need[11])]
+    x, lora_A, lora_B, x_lora, *qtensors = ctx.saved_tensors
+    quant_type, quant_args, shape, scaling, adapter_dtype, backward_plan = ctx.meta
+    # One entry per argument passed (trailing defaults may be absent), structured like the inputs.
+    passed = len(ctx.needs_input_grad)
+    need = tuple(ctx.needs_input_grad) + (False,) * (_N_ARGS - passed)
+    needs = [bool(need[_X] or need[_X_LORA]), bool(need[_A]), bool(need[_B])]
     gx, gxl, ga, gb = torch.ops.runlora.lora_linear_4bit_backward(
-        grad_y, x, qweight, absmax, absmax_8bit, absmax_code, absmax_offset, shape, blocksize, quant_type,
-        lora_A, lora_B, scaling, x_lora, adapter_dtype, backward_plan, needs)
+        grad_y, x, qtensors, quant_type, quant_args, shape, lora_A, lora_B, scaling, x_lora, adapter_dtype,
+        backward_plan, needs)
     grads = [None] * _N_ARGS
-    grads[0] = gx if need[0] else None
-    grads[10] = ga if need[10] else None
-    grads[11] = gb if need[11] else None
-    grads[13] = gxl if need[13] else None
-    return tuple(grads)
+    # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
+    grads[_QTENSORS] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None
+    grads[_X] = gx if need[_X] else None
+    grads[_A] = ga if need[_A] else None
+    grads[_B] = gb if need[_B] else None
+    grads[_X_LORA] = gxl if need[_X_LORA] else None
+    return tuple(grads[:passed])
 
 
 lora_linear_4bit.register_autograd(_backward, setup_context=_setup_context)
@@ -145,8 +201,8 @@ lora_linear_4bit.register_autograd(_backward, setup_context=_setup_context)
 
 @register_flop_formula(torch.ops.runlora.lora_linear_4bit)
 def _flops(x_shape, *args, **kwargs):
-    shape, a_shape = args[5], args[9]
-    forward_plan = args[14] if len(args) > 14 else kwargs.get("forward_plan", "forward1")
+    shape, a_shape = args[3], args[5]
+    forward_plan = args[10] if len(args) > 10 else kwargs.get("forward_plan", "forward1")
     n = math.prod(x_shape[:-1])
     return int(resolve_plan(forward_plan, n, "forward").flops(n, shape[1], shape[0], a_shape[0]))
 

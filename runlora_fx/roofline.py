@@ -47,6 +47,7 @@ __all__ = [
     "Layout",
     "backward_kernels",
     "choose_roofline",
+    "calibrate",
     "device_model_for",
     "forward_kernels",
     "plan_time",
@@ -91,6 +92,19 @@ class DeviceModel:
                              f"known: {sorted(self.peak_flops)}") from None
 
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeviceModel":
+        """From ``to_dict()``'s form (e.g. the JSON ``runlora-fx calibrate --json`` writes)."""
+        missing = {f.name for f in dataclasses.fields(cls)} - set(data)
+        if missing:
+            raise ValueError(f"runlora: device model is missing {sorted(missing)}; got keys {sorted(data)}")
+        return cls(name=str(data["name"]), peak_flops={k: float(v) for k, v in data["peak_flops"].items()},
+                   bandwidth=float(data["bandwidth"]), launch_s=float(data["launch_s"]))
+
+
 def _gpu(name, bf16, fp32, fp64, bandwidth, launch_s=4e-6):
     return DeviceModel(name, {"bfloat16": bf16, "float16": bf16, "float32": fp32, "float64": fp64}, bandwidth, launch_s)
 
@@ -128,9 +142,12 @@ def device_model_for(device: Union[str, torch.device, None] = None, name: Option
 
 
 def resolve_device_model(device_model, device) -> DeviceModel:
-    """``device_model`` as given (a DeviceModel, a table name) or looked up from ``device``."""
+    """``device_model`` as given (a DeviceModel, a table name, a ``.json`` file from
+    ``calibrate``) or looked up from ``device``."""
     if isinstance(device_model, DeviceModel):
         return device_model
+    if isinstance(device_model, str) and device_model.endswith(".json"):
+        return _load_json(device_model)
     if isinstance(device_model, str):
         if device_model in DEVICE_MODELS:
             return DEVICE_MODELS[device_model]
@@ -138,6 +155,14 @@ def resolve_device_model(device_model, device) -> DeviceModel:
     if device_model is not None:
         raise TypeError(f"runlora: device_model must be a DeviceModel or a name; got {type(device_model).__name__}")
     return device_model_for(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_json(path: str) -> DeviceModel:
+    import json
+
+    with open(path) as f:
+        return DeviceModel.from_dict(json.load(f))
 
 
 def _cuda_name(dev: torch.device) -> str:
@@ -149,6 +174,69 @@ def _cuda_name(dev: torch.device) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_unknown(name: str) -> None:
     log.warning("runlora: no roofline figures for device %r; using the H100's (pass device_model= to set them)", name)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` (device events on CUDA), after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate(device: Union[str, torch.device] = "cuda", dtypes: Sequence[str] = ("bfloat16", "float32"), *,
+              matmul_size: Optional[int] = None, copy_bytes: Optional[int] = None, repeats: int = 10) -> DeviceModel:
+    """Measures this device's roofline constants: the table entry with what was measured.
+
+    * peak per dtype: a square matmul (8192 on a GPU, 1024 on a CPU) on random data;
+    * bandwidth: a device-to-device copy (1 GiB GPU, 128 MiB CPU), bytes read plus written;
+    * launch_s: 2,000 back-to-back in-place adds on a one-element tensor, per add (eager
+      dispatch plus launch: what each extra kernel of a plan costs).
+
+    Dtypes not in ``dtypes`` keep the table's figure. Pass the result (or its ``to_dict()``
+    saved as JSON) as ``device_model=``.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runlora: calibrate(device='cuda') but CUDA is not available")
+    base = device_model_for(dev)
+    gpu = dev.type == "cuda"
+    size = matmul_size or (8192 if gpu else 1024)
+    peaks = dict(base.peak_flops)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        a = torch.randn(size, size, device=dev, dtype=dtype, generator=gen)
+        b = torch.randn(size, size, device=dev, dtype=dtype, generator=gen)
+        peaks[name] = 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), dev, repeats)
+    nbytes = copy_bytes or (2**30 if gpu else 2**27)
+    src = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    bandwidth = 2 * nbytes / _median_seconds(lambda: dst.copy_(src), dev, repeats)
+    one = torch.zeros(1, device=dev)
+    adds = 2000
+
+    def many_adds():
+        for _ in range(adds):
+            one.add_(1.0)
+
+    launch_s = _median_seconds(many_adds, dev, max(3, repeats // 3)) / adds
+    label = torch.cuda.get_device_name(dev) if gpu else "cpu"
+    return DeviceModel(f"{label} (calibrated)", peaks, bandwidth, launch_s)
 
 
 # --- kernels -------------------------------------------------------------------------------

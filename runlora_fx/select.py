@@ -69,9 +69,10 @@ def choose(
         device_model: roofline figures: a ``roofline.DeviceModel``, a table name ("H200"), or
             None to look the device up.
         tuner: an ``autotune.Autotuner`` for "time" (default: a new one, default cache).
-        dequant_flops: as for ``cost.choose_plan`` (a quantized base). Neither the roofline
-            nor the timer models dequantization yet, so such a site is chosen by FLOPs and
-            ``note`` says so.
+        dequant_flops: as for ``cost.choose_plan`` (a quantized base). Every plan dequantizes W
+            once in forward and once in backward when dX is needed, so dequantization adds
+            the same time to every pair: "roofline" and "time" rank the pairs on the dense
+            layer, and ``note`` says so.
 
     Returns:
         PlanChoice (see the module docstring). For "time" with a symbolic n, the pair measured
@@ -83,19 +84,17 @@ def choose(
                         dequant_flops=dequant_flops)
     if criterion == "flops":
         return flops
-    if dequant_flops:
-        return dataclasses.replace(flops, note=f"{criterion}: a quantized base is chosen by FLOPs (dequantization "
-                                               "is modelled there only)")
+    dequant_note = "4-bit base: ranked on the dense layer (dequantization costs every pair the same)"
     if criterion == "time":
         measured = _choose_by_time(flops, n, i, o, r, needs=needs, separate_lora_input=separate_lora_input,
                                    mixed_dtype=mixed_dtype, allow_merged=allow_merged,
                                    include_dominated=include_dominated, n_hint=n_hint, dtype=dtype,
                                    adapter_dtype=adapter_dtype, bias=bias, device=device, tuner=tuner)
         if measured.criterion == "time":
-            return measured
+            return dataclasses.replace(measured, note=dequant_note) if dequant_flops else measured
         note = measured.note
     else:
-        note = None
+        note = dequant_note if dequant_flops else None
     return dataclasses.replace(
         _choose_by_roofline(flops, n, i, o, r, needs=needs, separate_lora_input=separate_lora_input,
                             mixed_dtype=mixed_dtype, allow_merged=allow_merged, include_dominated=include_dominated,

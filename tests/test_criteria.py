@@ -280,3 +280,46 @@ def test_two_processes_writing_at_once_keep_both_sets(tmp_path):
     assert ns == list(range(25)) + list(range(1000, 1025))
     assert all(len(e["times_s"]) == 2 for e in data["entries"].values())
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# --- 4-bit bases and calibrated device models ----------------------------------------------
+def test_a_quantized_base_is_ranked_on_the_dense_layer_by_roofline_and_time(tmp_path):
+    """Dequantization costs every pair the same, so roofline and time choose as for the dense
+    layer, and FLOPs still price the dequantization."""
+    n, i, o, r = 2048, 1024, 2752, 16
+    dense = choose(n, i, o, r, criterion="roofline", device_model="H200", dtype=torch.bfloat16)
+    quant = choose(n, i, o, r, criterion="roofline", device_model="H200", dtype=torch.bfloat16, dequant_flops=o * i)
+    assert (str(quant.forward), str(quant.backward)) == (str(dense.forward), str(dense.backward))
+    assert quant.criterion == "roofline" and "4-bit base" in quant.note
+    timer = FakeTimer({"forward2/backward1": 1e-4})
+    timed = choose(64, 32, 48, 4, criterion="time", dequant_flops=48 * 32,
+                   tuner=Autotuner(cache_dir=str(tmp_path), timer=timer))
+    assert timed.criterion == "time" and (str(timed.forward), str(timed.backward)) == ("forward2", "backward1")
+    assert "4-bit base" in timed.note
+    flops = choose(64, 32, 48, 4, criterion="flops", dequant_flops=48 * 32)
+    assert flops.forward_costs["forward1"] == choose(64, 32, 48, 4).forward_costs["forward1"] + 48 * 32
+
+
+def test_calibrate_measures_the_device_and_round_trips_as_json(tmp_path):
+    model = roofline.calibrate("cpu", ["float32"], matmul_size=128, copy_bytes=2**20, repeats=3)
+    table = roofline.device_model_for("cpu")
+    assert model.name == "cpu (calibrated)"
+    assert 1e8 < model.peak_flops["float32"] < 1e14 and 1e8 < model.bandwidth < 1e13 and 0 < model.launch_s < 1e-3
+    assert model.peak_flops["bfloat16"] == table.peak_flops["bfloat16"]  # not measured: the table's
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(model.to_dict()))
+    assert roofline.resolve_device_model(str(path), "cpu") == model
+    chosen = choose(4096, 1024, 2752, 64, criterion="roofline", device_model=str(path))
+    assert chosen.estimated["device"] == "cpu (calibrated)"
+    with pytest.raises(ValueError, match="missing"):
+        roofline.DeviceModel.from_dict({"name": "x"})
+
+
+def test_calibrate_command_writes_a_device_model(tmp_path, capsys):
+    from runlora_fx.cli import main
+
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "float32", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "peak float32" in out and "bandwidth" in out and "launch" in out
+    assert roofline.DeviceModel.from_dict(json.loads((tmp_path / "d.json").read_text())).bandwidth > 0
+    assert main(["calibrate", "--device", "cpu", "--dtypes", "float33"]) == 2

@@ -10,7 +10,7 @@ import runlora_fx
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need bitsandbytes (in the test extra)")
 
-from test_pass import TARGETS, assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
+from test_pass import LORA_OP, TARGETS, assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
 
 OP = torch.ops.runlora.lora_linear_4bit.default
 
@@ -100,14 +100,14 @@ def test_backward_dequantizes_only_when_dx_is_needed(monkeypatch):
     qs = layer.weight.quant_state
     A = torch.randn(4, 32, requires_grad=True)
     B = torch.randn(48, 4, requires_grad=True)
-    args = (layer.weight.view(-1, 1), qs.absmax, None, None, None, list(qs.shape), qs.blocksize, qs.quant_type, None,
-            A, B, 0.5)
+    args = ([layer.weight.view(-1, 1), qs.absmax, None, None, None], f"bnb_{qs.quant_type}", [qs.blocksize],
+            list(qs.shape), None, A, B, 0.5)
     for x_grad, expected in ((False, 1), (True, 2)):
         calls.clear()
         x = torch.randn(6, 32, requires_grad=x_grad)
         torch.ops.runlora.lora_linear_4bit(x, *args).sum().backward()
         assert len(calls) == expected
-        want = torch.nn.functional.linear(x, real(*args[:8], torch.float32)) + (x @ A.T) @ B.T * 0.5
+        want = torch.nn.functional.linear(x, real(*args[:4], torch.float32)) + (x @ A.T) @ B.T * 0.5
         torch.testing.assert_close(torch.ops.runlora.lora_linear_4bit(x, *args), want, rtol=1e-5, atol=1e-5)
 
 
@@ -118,8 +118,9 @@ def test_opcheck_4bit_op():
     x = torch.randn(2, 3, 32, requires_grad=True)
     A = torch.randn(4, 32, requires_grad=True)
     B = torch.randn(48, 4, requires_grad=True)
-    args = (x, layer.weight.view(-1, 1), qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset, list(qs.shape),
-            qs.blocksize, qs.quant_type, layer.bias.detach(), A, B, 0.5, None, None, "forward2", "backward5")
+    qtensors = [layer.weight.view(-1, 1), qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset]
+    args = (x, qtensors, f"bnb_{qs.quant_type}", [qs.blocksize], list(qs.shape), layer.bias.detach(), A, B, 0.5,
+            None, None, "forward2", "backward5")
     torch.library.opcheck(OP, args)
 
 
@@ -163,3 +164,129 @@ def test_torchao_nf4_saves_no_dequantized_weight():
     dense_weights = [t for t in saved if tuple(t.shape) in {(512, 256), (256, 512)} and type(t) is torch.Tensor]
     assert not dense_weights, [tuple(t.shape) for t in dense_weights]
     assert sum("NF4" in type(t).__name__ for t in saved) == 2
+
+
+# --- torch.export ----------------------------------------------------------------------
+OP_4BIT = torch.ops.runlora.lora_linear_4bit.default
+
+
+class LMLoss(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def _grads(module):
+    return {k: p.grad.detach().clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def _assert_trains_like_eager(module, model, inputs, loss_fn, steps=3):
+    """`steps` SGD steps of the rewritten program and of the eager model: same losses and grads."""
+    opt_a = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    opt_b = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(steps):
+        got_loss, want_loss = loss_fn(module, inputs), loss_fn(model, inputs)
+        got_loss.backward()
+        want_loss.backward()
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+        got, want = _grads(module), _grads(model)
+        assert len(got) == len(want) > 0
+        for (k, g), (_, w) in zip(sorted(got.items()), sorted(want.items())):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=f"step {step}: {k}")
+        for opt in (opt_a, opt_b):
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_export_bnb_qlora_every_site_rewritten_and_trains_like_eager(quant_type, double_quant):
+    torch.manual_seed(0)
+    model = LMLoss(qlora_llama(quant_type, double_quant))
+    ids = lm_inputs()
+    # strict: non-strict export fails inside bitsandbytes (Linear4bit re-wraps its fake weight).
+    ep = torch.export.export(copy.deepcopy(model), (ids,), strict=True)
+    # torch.export traces MatMul4Bit.forward under no_grad, so the exported program alone
+    # drops dX through the 4-bit bases; the rewrite warns and gives it back.
+    with pytest.warns(UserWarning, match="traced under no_grad"):
+        ep = runlora_fx.rewrite_exported_program(ep)
+    assert ep.runlora_report.rewritten == 14, str(ep.runlora_report)
+    assert sum(n.target is OP_4BIT for n in ep.graph.nodes) == 14
+    assert not [n for n in ep.graph.nodes if "gemm_4bit" in str(n.target)]
+    _assert_trains_like_eager(ep.module(), model, ids, lambda m, x: m(x))
+
+
+def _program_storages(ep):
+    """Storages of an exported program's parameters, buffers and lifted constants."""
+    tensors = list(ep.state_dict.values()) + [t for t in ep.constants.values() if isinstance(t, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_export_bnb_qlora_saves_no_dequantized_weight():
+    torch.manual_seed(0)
+    model = LMLoss(qlora_llama(layers=1))
+    ids = lm_inputs()
+    plain = torch.export.export(copy.deepcopy(model), (ids,), strict=True)
+    with pytest.warns(UserWarning, match="traced under no_grad"):
+        ours = runlora_fx.rewrite_exported_program(torch.export.export(copy.deepcopy(model), (ids,), strict=True))
+    ours_bytes, shapes = _saved_bytes(lambda: ours.module()(ids), _program_storages(ours))
+    plain_bytes, _ = _saved_bytes(lambda: plain.module()(ids), _program_storages(plain))
+    weight_shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert not weight_shapes & {s for s, dt in shapes if dt.is_floating_point}
+    # The plain program saves nothing for the bases (it drops their dX); ours saves x and no x @ A.
+    assert ours_bytes <= plain_bytes, (ours_bytes, plain_bytes)
+
+
+def test_torchao_nf4_dequantization_equals_torchao_bitwise():
+    pytest.importorskip("torchao", reason="needs torchao (in the test extra)")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from runlora_fx.qlora import dequantize_4bit
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        nf4 = to_nf4(torch.randn(128, 256, dtype=dtype))
+        qtensors = [nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor, nf4.scaler_mean, nf4.nf4]
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ours = dequantize_4bit(qtensors, "torchao_nf4", [nf4.block_size, nf4.scaler_block_size], [128, 256],
+                                   out_dtype)
+            assert torch.equal(ours, nf4.to(out_dtype)), (dtype, out_dtype)
+
+
+def test_export_torchao_nf4_every_site_rewritten_trains_and_round_trips(tmp_path):
+    model = nf4_model()
+    x = torch.randn(2, 6, 256)
+    ep = runlora_fx.rewrite_exported_program(torch.export.export(copy.deepcopy(model), (x,)))
+    assert ep.runlora_report.rewritten == 2, str(ep.runlora_report)
+    assert [n.args[2] for n in ep.graph.nodes if n.target is OP_4BIT] == ["torchao_nf4"] * 2
+    assert not [n for n in ep.graph.nodes if n.target is torch.ops.aten.linear.default
+                and tuple(n.args[1].meta["val"].shape) in {(512, 256), (256, 512)}]
+    loss = lambda m, x: m(x).pow(2).mean()  # noqa: E731
+    module = ep.module()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss(module, x.requires_grad_())
+    assert not [t for t in saved if tuple(t.shape) in {(512, 256), (256, 512)}], "a dequantized weight was saved"
+    _assert_trains_like_eager(module, model, x, loss)
+    torch.export.save(ep, tmp_path / "nf4.pt2")
+    loaded = runlora_fx.load(tmp_path / "nf4.pt2")
+    assert sum(n.target is OP_4BIT for n in loaded.graph.nodes) == 2
+    torch.testing.assert_close(loaded.module()(x), ep.module()(x))
+
+
+def test_export_chain_that_is_not_nf4_dequantization_stays_dense():
+    """A chain over an NF4Tensor's inner tensors is read as NF4 only if it computes exactly
+    that; here one mask is changed, so the site keeps its computed weight (dense op)."""
+    model = nf4_model()
+    x = torch.randn(2, 6, 256)
+    ep = torch.export.export(model, (x,))
+    masks = [n for n in ep.graph.nodes if n.target is torch.ops.aten.__and__.Scalar]
+    masks[0].args = (masks[0].args[0], 0b0111)
+    ep.graph_module.recompile()
+    want = ep.module()(x)
+    ep = runlora_fx.rewrite_exported_program(ep)
+    targets = [n.target for n in ep.graph.nodes if n.target in (OP_4BIT, LORA_OP)]
+    assert sorted(map(str, targets)) == sorted(map(str, [LORA_OP, OP_4BIT]))
+    torch.testing.assert_close(ep.module()(x), want)

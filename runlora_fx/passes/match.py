@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..plans import Needs
-from .normalize import LinearView, as_add, as_linear, as_scale, cast_dtype, meta_value, strip_noop
+from .normalize import LinearView, as_add, as_linear, as_scale, cast_dtype, is_metadata_assert, meta_value, strip_noop
 
 __all__ = ["LoraProduct", "LoraSite", "Rejection", "match_lora", "find_sites", "module_path", "to_sympy"]
 
@@ -99,7 +99,7 @@ def to_sympy(size) -> sympy.Expr:
 
 
 def _users_within(node: fx.Node, allowed: set) -> bool:
-    return all(u in allowed for u in node.users)
+    return all(u in allowed or is_metadata_assert(u) for u in node.users)
 
 
 def as_lora_product(node: Any) -> Optional[LoraProduct]:

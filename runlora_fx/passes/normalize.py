@@ -9,6 +9,7 @@ the matcher.
     export training IR   aten.linear, aten.matmul, aten.t / numpy_T / transpose.int, aten._to_copy
     decomposed ATen IR   aten.view(x, [-1, i]) -> aten.mm / aten.addmm(b, ., W.permute(1, 0)) -> aten.view
     symbolic_trace       call_module nn.Linear, F.linear, torch.matmul
+    4-bit bases          bitsandbytes gemm_4bit / MatMul4Bit, torchao NF4 (``quantized.py``)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "cast_dtype",
     "meta_value",
     "is_tensor_value",
+    "is_metadata_assert",
     "aten",
 ]
 
@@ -65,6 +67,12 @@ def meta_value(node: Any):
 def is_tensor_value(value: Any) -> bool:
     """A FakeTensor / Tensor, or ShapeProp's TensorMetadata."""
     return isinstance(value, torch.Tensor) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def is_metadata_assert(node: Any) -> bool:
+    """torch.export's ``_assert_tensor_metadata(t, dtype=...)``: a check, not a use of t's value."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and (
+        node.target is aten._assert_tensor_metadata.default)
 
 
 def _is_call(node: Any, fns=(), methods=()) -> bool:
@@ -180,7 +188,7 @@ class LinearView:
     weight: WeightRef
     bias: Optional[fx.Node]
     nodes: tuple
-    quant: Optional[dict] = None  # bitsandbytes 4-bit base: the gemm_4bit arguments
+    quant: Optional[dict] = None  # a 4-bit base: what runlora.lora_linear_4bit takes (quantized.py)
 
 
 def _weight_from(mat: Any, graph_holds_transpose: bool) -> Optional[tuple[WeightRef, tuple]]:
@@ -205,15 +213,21 @@ def as_linear(node: Any) -> Optional[LinearView]:
         if isinstance(mod, torch.nn.Linear):
             return LinearView(node, node.args[0], WeightRef(node, transposed=False), None, (node,))
         return None
-    if node.op == "call_function" and _op_name(node.target) == "bitsandbytes::gemm_4bit":
-        return _as_bnb_4bit(node)
-    if node.op == "call_function" and node.target is operator.getitem:
-        return _as_autograd_function_4bit(node)
+    from .quantized import as_nf4_chain_weight, as_quantized_linear, is_bnb_gemm  # imports this module
+
+    if node.op == "call_function" and (node.target is operator.getitem or is_bnb_gemm(node)):
+        return as_quantized_linear(node)
     if _is_call(node, _LINEAR):
         ref = _weight_from(_arg(node, 1, "weight"), graph_holds_transpose=False)
         if ref is None:
             return None
         bias = _arg(node, 2, "bias")
+        if not ref[0].transposed and ref[0].node.op == "call_function":
+            nf4 = as_nf4_chain_weight(ref[0].node)
+            if nf4 is not None:
+                quant, chain = nf4
+                return LinearView(node, node.args[0], WeightRef(quant["source"], transposed=False), bias,
+                                  (node,) + chain, quant=quant)
         return LinearView(node, node.args[0], ref[0], bias, (node,) + ref[1])
     if _is_call(node, _MATMUL, ("matmul", "__matmul__")):
         ref = _weight_from(node.args[1], graph_holds_transpose=True)
@@ -242,85 +256,6 @@ def as_linear(node: Any) -> Optional[LinearView]:
     nodes = (node, inner) if node is not inner else (node,)
     return LinearView(node, x, ref[0], inner.args[0] if is_addmm else None,
                       tuple(dict.fromkeys(nodes + tuple(flatten_chain) + ref[1] + views)))
-
-
-def _op_name(target) -> str:
-    name = getattr(target, "name", None)
-    return name() if callable(name) else ""
-
-
-def _as_bnb_4bit(node: fx.Node) -> LinearView:
-    """``gemm_4bit(x, packed, shape, absmax, blocksize, quant_type, bias=, absmax_8bit=, ...)``."""
-    names = ("x", "qweight", "shape", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code",
-             "absmax_offset")
-    args = dict(zip(names, node.args))
-    args.update({k: v for k, v in node.kwargs.items() if k in names})
-    quant = {k: args.get(k) for k in names[1:] if k != "bias"}
-    quant["shape"] = [int(d) for d in quant["shape"]]
-    return LinearView(node, args["x"], WeightRef(args["qweight"], transposed=False), args.get("bias"), (node,),
-                      quant=quant)
-
-
-def _as_autograd_function_4bit(getitem: fx.Node) -> Optional[LinearView]:
-    """bitsandbytes' MatMul4Bit as Dynamo traces it when x requires grad::
-
-        out = torch.ops.higher_order.autograd_function_apply(fwd_body, bwd_body, packed, x, absmax, ...)[0]
-
-    where ``fwd_body`` calls gemm_4bit on its placeholders; those map back to the operands.
-    """
-    hop, index = getitem.args
-    if index != 0 or not isinstance(hop, fx.Node) or hop.op != "call_function":
-        return None
-    if hop.target is not getattr(torch.ops.higher_order, "autograd_function_apply", None):
-        return None
-    body_ref = hop.args[0]
-    body = getattr(getitem.graph.owning_module, body_ref.target, None) if body_ref.op == "get_attr" else None
-    if not isinstance(body, fx.GraphModule):
-        return None
-    if len(hop.users) != 1:
-        return None
-    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    outer = dict(zip(placeholders, hop.args[2:]))
-    gemms = [n for n in body.graph.nodes if n.op == "call_function" and _op_name(n.target) == "bitsandbytes::gemm_4bit"]
-    if len(gemms) != 1:
-        return _as_dequantize_linear(getitem, hop, body, outer)
-
-    def to_outer(arg):
-        if isinstance(arg, fx.Node):
-            return outer.get(_strip_flatten(arg))
-        return arg
-
-    inner = _as_bnb_4bit(gemms[0])
-    quant = {k: to_outer(v) for k, v in inner.quant.items()}
-    if any(quant[k] is None for k in ("qweight", "absmax")) or to_outer(inner.x) is None:
-        return None
-    bias = to_outer(inner.bias) if inner.bias is not None else None
-    extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
-    return LinearView(getitem, to_outer(inner.x), WeightRef(quant["qweight"], transposed=False), bias,
-                      (getitem, hop) + extra, quant=quant)
-
-
-def _as_dequantize_linear(getitem: fx.Node, hop: fx.Node, body: fx.GraphModule, outer: dict) -> Optional[LinearView]:
-    """torchao's ``linear_nf4(x, weight)`` as Dynamo traces it::
-
-        out = torch.ops.higher_order.autograd_function_apply(fwd_body, bwd_body, nf4_weight, x)[0]
-        # fwd_body: w = nf4_weight.to(dtype); out = linear(x, w)
-
-    The weight is an NF4Tensor (a tensor subclass that dequantizes on ``.to(dtype)``).
-    """
-    linears = [n for n in body.graph.nodes if _is_call(n, _LINEAR)]
-    if len(linears) != 1:
-        return None
-    (linear,) = linears
-    deq, x_inner = _arg(linear, 1, "weight"), linear.args[0]
-    if cast_dtype(deq) is None or _arg(linear, 2, "bias") is not None:
-        return None
-    weight, x = outer.get(deq.args[0]), outer.get(x_inner)
-    if weight is None or x is None or "NF4" not in type(meta_value(weight)).__name__:
-        return None
-    quant = {"kind": "torchao_nf4", "weight": weight, "shape": [int(d) for d in meta_value(weight).shape]}
-    extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
-    return LinearView(getitem, x, WeightRef(weight, transposed=False), None, (getitem, hop) + extra, quant=quant)
 
 
 def _owning_module(node: fx.Node):

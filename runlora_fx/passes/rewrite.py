@@ -37,7 +37,8 @@ from ..plans import BACKWARD_PLANS, FORWARD_PLANS
 from ..report import RewriteReport, SiteReport, cost_entry
 from ..select import check_criterion, choose, time_request
 from .match import LoraSite, Rejection, find_sites
-from .normalize import WeightRef, meta_value
+from .normalize import WeightRef, is_metadata_assert, meta_value
+from .quantized import restores_dx
 
 __all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged"]
 
@@ -194,8 +195,11 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
         replaced[add] = out
         x_chain = [] if site.base.x in replaced else [site.base.x]  # an earlier site's add is gone already
         for node in [add, *site.base.nodes, *site.lora.nodes, *x_chain]:
-            if isinstance(node, fx.Node) and node.graph is graph and not node.users and node.op != "placeholder":
-                graph.erase_node(node)
+            if isinstance(node, fx.Node) and node.graph is graph and node.op != "placeholder":
+                for check in [u for u in node.users if is_metadata_assert(u)]:
+                    graph.erase_node(check)  # torch.export's dtype asserts on a value that is gone
+                if not node.users:
+                    graph.erase_node(node)
     graph.lint()
     gm.recompile()
 
@@ -225,16 +229,15 @@ def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
 
 
 def _quantized_call(quant: Optional[dict], args: tuple) -> tuple:
-    """The target and arguments for a site's base: plain, bitsandbytes 4-bit or torchao NF4."""
+    """The target and arguments for a site's base: dense, a packed 4-bit weight, or an NF4Tensor."""
     if quant is None:
         return torch.ops.runlora.lora_linear.default, args
     x, _, bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd = args
-    if quant.get("kind") == "torchao_nf4":
+    if quant["quant_type"] == "torchao_nf4_tensor":
         from ..qlora import lora_linear_nf4
         return lora_linear_nf4, (x, quant["weight"], bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
     return torch.ops.runlora.lora_linear_4bit.default, (
-        x, quant["qweight"], quant["absmax"], quant.get("absmax_8bit"), quant.get("absmax_code"),
-        quant.get("absmax_offset"), quant["shape"], int(quant["blocksize"]), quant["quant_type"], bias,
+        x, list(quant["qtensors"]), quant["quant_type"], list(quant["quant_args"]), list(quant["shape"]), bias,
         lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
 
 
@@ -302,12 +305,20 @@ def _measure_sites(sites: list, tuner, allow_merged: Optional[bool]) -> None:
     requests = []
     for site in sites:
         args = _site_choice_args(site, allow_merged)
-        if args.pop("dequant_flops"):
-            continue  # a quantized base is chosen by FLOPs (select.choose)
+        args.pop("dequant_flops")  # the same for every pair: pairs are timed on the dense layer
         request = time_request(site.n, site.i, site.o, site.r, include_dominated=False, **args)
         if not isinstance(request, str):
             requests.append(request)
     tuner.measure_all(requests)
+
+
+def _warn_restored_dx(sites: list) -> None:
+    restored = [s.path for s in sites if restores_dx(s.base)]
+    if restored:
+        warnings.warn(
+            f"runlora: {len(restored)} 4-bit base layer(s) (first: {restored[0]}) were traced under no_grad "
+            "(torch.export runs bitsandbytes' MatMul4Bit.forward so), which drops their dX from the exported "
+            "program; the rewritten op computes dX through the base as eager autograd does", stacklevel=3)
 
 
 def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
@@ -353,6 +364,7 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
         report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
         if not dry_run and sites:
             rewrite_sites(gm, sites, choices)
+            _warn_restored_dx(sites)
     except Exception as exc:  # noqa: BLE001 - the pass must never break a user's compile
         warnings.warn(f"runlora: pass failed, graph left unchanged ({type(exc).__name__}: {exc})", stacklevel=2)
         log.debug("runlora pass failure", exc_info=True)
