@@ -181,7 +181,7 @@ def frozen_batch(model, batch: dict) -> dict:
     return {"inputs_embeds": embeds.requires_grad_(True), "labels": batch["labels"]}
 
 
-def compile_model(model, mode: str, *, inner: str, allow_merged: Optional[bool]):
+def compile_model(model, mode: str, *, inner: str, allow_merged: Optional[bool], rewrite_4bit: Optional[bool] = None):
     """Wraps the model for ``mode``; returns (callable model, runlora backend or None)."""
     if mode == "peft_eager":
         return model, None
@@ -190,7 +190,7 @@ def compile_model(model, mode: str, *, inner: str, allow_merged: Optional[bool])
     lowering = "opaque" if mode == "runlora_opaque" else "aten"
     inner = "eager" if mode == "runlora_eager" else inner
     backend = runlora_fx.make_backend(inner=inner, lowering=lowering, allow_merged=allow_merged,
-                                      criterion=CRITERION_MODES.get(mode, "flops"))
+                                      criterion=CRITERION_MODES.get(mode, "flops"), rewrite_4bit=rewrite_4bit)
     return torch.compile(model, backend=backend), backend
 
 
@@ -245,7 +245,8 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
         model = add_lora(model, rank=args.rank, fp32_adapters=args.fp32_adapters)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable and not args.no_optimizer else None
-    compiled, backend = compile_model(model, mode, inner=args.inner, allow_merged=args.allow_merged)
+    compiled, backend = compile_model(model, mode, inner=args.inner, allow_merged=args.allow_merged,
+                                      rewrite_4bit=args.rewrite_4bit)
     leaves = trainable + ([batch["inputs_embeds"]] if "inputs_embeds" in batch else [])
     step = make_step(compiled, batch, optimizer, leaves)
     first_s = common.warm_up(step, device=args.device, warmup=args.warmup)
@@ -290,6 +291,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--fp32-adapters", action="store_true", help="peft's default fp32 adapters on a bf16 base")
     parser.add_argument("--qlora", choices=["nf4", "fp4"], help="4-bit bitsandbytes base (QLoRA)")
     parser.add_argument("--allow-merged", action="store_true", help="runlora modes: allow merged plans in bf16")
+    parser.add_argument("--rewrite-4bit", action="store_const", const=True, default=None,
+                        help="runlora modes: rewrite 4-bit sites on CUDA too (default: only off CUDA)")
     parser.add_argument("--batch", type=int, help="sequences per step (default 8; 2 with --quick)")
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 128 with --quick)")
     parser.add_argument("--rank", type=int, default=16)

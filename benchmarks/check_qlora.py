@@ -45,7 +45,7 @@ def check_bnb(device: str, dtype: torch.dtype, inner: str) -> bool:
             torch.nn.init.normal_(p, std=0.02)  # peft starts B at zero: no signal in dA
     ref = copy.deepcopy(model)
     batch = bench_model.make_batch(spec, batch=2, seq=128, device=device)
-    backend = runlora_fx.make_backend(inner=inner)
+    backend = runlora_fx.make_backend(inner=inner, rewrite_4bit=True)  # checks the rewrite on every device
     loss = torch.compile(model, backend=backend)(**batch).loss
     loss.backward()
     ref_loss = ref(**batch).loss

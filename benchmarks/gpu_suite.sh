@@ -18,7 +18,7 @@
 #      DEVICE in bf16 (fp32 on CPU); QLoRA (check_qlora.py) if bitsandbytes imports
 #   3. bench_criteria: flops / roofline / calibrated roofline / time, one layer per grid point
 #   4. QLoRA step (bitsandbytes NF4 base): tinyllama11 B=8 S=1024 r=16, peft eager, peft +
-#      inductor, runlora
+#      inductor, runlora and runlora_opaque with the 4-bit sites rewritten (--rewrite-4bit)
 #   5. criteria step: tinyllama11 with merged plans allowed, runlora by flops / roofline /
 #      time, and peft + inductor
 #   6. if time is left: pytest tests/test_qlora.py (export matching on this torch)
@@ -184,7 +184,7 @@ else
 fi
 if [ "$HAVE_BNB" = 1 ]; then
   run_step bench_model_qlora 150 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
-    --inner "$INNER" "${MODEL_ARGS[@]}" --qlora nf4 --modes peft_eager,peft_inductor,runlora --warmup 3 --repeats 5 \
+    --inner "$INNER" "${MODEL_ARGS[@]}" --qlora nf4 --rewrite-4bit --modes peft_eager,peft_inductor,runlora,runlora_opaque --warmup 3 --repeats 5 \
     --json "$OUT/qlora_model.json" --md "$MD_DIR/2_qlora_model.md"
 fi
 

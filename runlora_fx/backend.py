@@ -42,14 +42,14 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, cri
                  allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
                  backward_plan: Optional[str] = None, dump_dir: Optional[str] = None,
                  on_report: Optional[Callable] = None, device_model=None, time_budget_s: Optional[float] = None,
-                 tuner=None):
+                 tuner=None, rewrite_4bit: Optional[bool] = None):
     """Builds a Dynamo backend that applies the runlora pass.
 
     Args:
         inner: "inductor" (default), "aot_eager" or "eager".
         lowering: "aten" (lower to the plan's ATen chain) or "opaque" (keep the op); None
             picks ``default_lowering``. Ignored for ``inner="eager"`` (the op runs as is).
-        criterion, allow_merged, forward_plan, backward_plan, device_model: see
+        criterion, allow_merged, forward_plan, backward_plan, device_model, rewrite_4bit: see
             ``runlora_fx.rewrite``; criterion is "flops" (default), "roofline" or "time".
         dump_dir: write each graph before/after the pass, its forward and backward graphs,
             its report and an SVG there (also env RUNLORA_DUMP_DIR); see ``dump.py``.
@@ -79,7 +79,7 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, cri
         before = readable(gm) if dump else None
         report = rewrite(gm, criterion=criterion, allow_merged=allow_merged, forward_plan=forward_plan,
                          backward_plan=backward_plan, graph_name=f"graph_{index}", device_model=device_model,
-                         time_budget_s=time_budget_s, tuner=tuner)
+                         time_budget_s=time_budget_s, tuner=tuner, rewrite_4bit=rewrite_4bit)
         reports.append(report)
         if on_report is not None:
             on_report(report)

@@ -40,6 +40,7 @@ def rewrite_exported_program(ep: torch.export.ExportedProgram, **options) -> tor
         ``ep`` itself, with ``ep.runlora_report`` set to the RewriteReport.
     """
     _mark_parameters(ep)
+    options.setdefault("rewrite_4bit", True)  # an exported program is not tied to one device's kernels
     report: RewriteReport = rewrite(ep.graph_module, graph_name=options.pop("graph_name", "exported_program"),
                                     **options)
     _sync_output_specs(ep)

@@ -1,23 +1,29 @@
-"""Lower ``runlora.lora_linear`` nodes into their chosen ATen chain for inductor.
+"""Lower ``runlora.lora_linear`` / ``lora_linear_4bit`` nodes into their chosen ATen chain for inductor.
 
 Matches (the rewritten torch-level graph)::
 
     y = torch.ops.runlora.lora_linear.default(x, W, b, A, B, s, None, None, 'forward2', 'backward5')
+    y = torch.ops.runlora.lora_linear_4bit.default(x, [packed, ...], 'bnb_nf4', [64], [o, i], b, A, B, s, ...)
 
 Rewrite to::
 
     y = runlora_fx.lowering.lowered_lora_linear(x, W, b, A, B, s, None, None, 'forward2', 'backward5')
+    y = runlora_fx.lowering.lowered_lora_linear_4bit(x, [packed, ...], 'bnb_nf4', [64], [o, i], b, A, B, s, ...)
 
-``lowered_lora_linear`` is an autograd.Function whose forward and backward are the plan's
-mm/addmm calls (``plans.py``), so AOTAutograd traces them into the joint graph and inductor
-fuses the scaling, casts and adds around them with no op boundary or per-call dispatch.
-Inductor does not reassociate matmuls, so the chosen chain survives. A piecewise plan is
-resolved at the traced n's size hint without installing a guard: every plan is exact, so
-a dynamic graph stays one graph and only the plan for other n may be the costlier one (the
-opaque op, by contrast, resolves the piecewise plan on every call).
+Both are one autograd.Function whose forward and backward are the plan's mm/addmm calls
+(``plans.py``), so AOTAutograd traces them into the joint graph and inductor fuses the
+scaling, casts and adds around them with no op boundary or per-call dispatch. A 4-bit weight
+is dequantized inside it by ``runlora.dequantize_4bit`` (opaque, so AOTAutograd cannot merge
+the forward and backward calls into one saved copy), in forward and in backward only when dX
+is needed, and never saved. Inductor does not reassociate matmuls, so the chosen chain survives. A piecewise
+plan is resolved at the traced n's size hint without installing a guard: every plan is
+exact, so a dynamic graph stays one graph and only the plan for other n may be the costlier
+one (the opaque op, by contrast, resolves the piecewise plan on every call).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -26,58 +32,104 @@ from ._compat import size_hint
 from .cost import resolve_plan
 from .plans import Needs
 
-__all__ = ["lowered_lora_linear", "lower_runlora_ops"]
+__all__ = ["lowered_lora_linear", "lowered_lora_linear_4bit", "lower_runlora_ops"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dense:
+    """W itself (``.to`` returns W when already in x's dtype); or torchao's NF4Tensor,
+    dequantized by ``runlora.dequantize_4bit``; or another weight-only quantized subclass
+    that dequantizes on ``.to(dtype)``."""
+
+    def shape(self, weight):
+        return tuple(weight.shape)
+
+    def materialize(self, parts, dtype, phase):
+        from .qlora import nf4_parts
+
+        weight = parts[0]
+        nf4 = nf4_parts(weight) if type(weight) is not torch.Tensor else None
+        if nf4 is None:
+            return weight.to(dtype)
+        return torch.ops.runlora.dequantize_4bit(nf4[0], "torchao_nf4", nf4[1], list(weight.shape), dtype, phase)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed4bit:
+    """A packed 4-bit weight as ``runlora.lora_linear_4bit`` takes it (``qlora.QUANT_FORMATS``)."""
+
+    quant_type: str
+    quant_args: tuple
+    out_in: tuple
+
+    def shape(self, *_):
+        return self.out_in
+
+    def materialize(self, parts, dtype, phase):
+        return torch.ops.runlora.dequantize_4bit(list(parts), self.quant_type, list(self.quant_args),
+                                                 list(self.out_in), dtype, phase)
 
 
 class _LoweredLoRA(torch.autograd.Function):
-    """The plan's chain as an autograd.Function. ``weight`` may also be a weight-only
-    quantized tensor subclass that dequantizes on ``.to(dtype)`` (torchao's NF4Tensor): it is
-    dequantized in forward, and in backward only when dX is needed; for a dense W in x's
-    dtype ``.to`` returns W itself."""
+    """The plan's chain as an autograd.Function; ``weight`` (a ``_Dense`` or ``_Packed4bit``)
+    turns ``*parts`` into W: in forward, and in backward only when dX is needed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype, forward_plan, backward_plan):
-        i, o = weight.shape[1], weight.shape[0]
+    def forward(ctx, x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan, weight,
+                *parts):
+        o, i = weight.shape(*parts)
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
         plan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward")
-        y = plan.run(x2, weight.to(x.dtype), bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
-        ctx.scaling, ctx.adapter_dtype, ctx.backward_plan = scaling, adapter_dtype, backward_plan
+        y = plan.run(x2, weight.materialize(parts, x.dtype, "forward"), bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
+        ctx.save_for_backward(x, lora_A, lora_B, x_lora, *parts)
+        ctx.scaling, ctx.adapter_dtype, ctx.backward_plan, ctx.weight = scaling, adapter_dtype, backward_plan, weight
         return y.reshape(*x.shape[:-1], o)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, x_lora = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        i, o = weight.shape[1], weight.shape[0]
+        x, lora_A, lora_B, x_lora, *parts = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
+        o, i = ctx.weight.shape(*parts)
         g2 = grad_y.reshape(-1, o)
         plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
-        needs = Needs(x=need[0] or need[6], lora_A=need[3], lora_B=need[4])
-        gx, gxl, ga, gb = plan.run(
-            g2, x.reshape(-1, i), weight.to(x.dtype) if needs.x else None, lora_A, lora_B, ctx.scaling,
-            None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs,
+        needs = Needs(x=need_x or need_xl, lora_A=need_a, lora_B=need_b)
+        weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
+        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
+                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs)
+        grads = (
+            None if gx is None or not need_x else gx.reshape(x.shape), None,
+            ga if need_a else None, gb if need_b else None,
+            None if gxl is None or not need_xl else gxl.reshape(x.shape),
         )
-        return (
-            None if gx is None or not need[0] else gx.reshape(x.shape), None, None,
-            ga if need[3] else None, gb if need[4] else None, None,
-            None if gxl is None or not need[6] else gxl.reshape(x.shape), None, None, None,
-        )
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
                         forward_plan="forward1", backward_plan="backward1"):
     """Same contract as ``torch.ops.runlora.lora_linear``, as traceable ATen calls."""
-    return _LoweredLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
-                              forward_plan, backward_plan)
+    return _LoweredLoRA.apply(x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
+                              _Dense(), weight)
+
+
+def lowered_lora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling,
+                             x_lora=None, adapter_dtype=None, forward_plan="forward1", backward_plan="backward1"):
+    """Same contract as ``torch.ops.runlora.lora_linear_4bit``, as traceable calls."""
+    weight = _Packed4bit(quant_type, tuple(int(a) for a in quant_args), tuple(int(d) for d in shape))
+    return _LoweredLoRA.apply(x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
+                              weight, *qtensors)
 
 
 def lower_runlora_ops(gm: fx.GraphModule) -> int:
-    """Replaces every runlora.lora_linear node of ``gm`` by ``lowered_lora_linear``; returns the count."""
+    """Replaces every runlora op node of ``gm`` by its lowered form; returns the count."""
+    from . import qlora  # noqa: F401  registers runlora.lora_linear_4bit (qlora imports this module)
+
+    lowered = {torch.ops.runlora.lora_linear.default: lowered_lora_linear,
+               torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit}
     count = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.runlora.lora_linear.default:
-            node.target = lowered_lora_linear
+        if node.op == "call_function" and node.target in lowered:
+            node.target = lowered[node.target]
             count += 1
     if count:
         gm.recompile()

@@ -40,7 +40,8 @@ from .lowering import lowered_lora_linear
 from .ops import check_lora_args
 from .plans import Needs
 
-__all__ = ["QUANT_FORMATS", "dequantize_4bit", "lora_linear_4bit", "lora_linear_4bit_backward", "lora_linear_nf4"]
+__all__ = ["QUANT_FORMATS", "dequantize_4bit", "dequantize_4bit_op", "lora_linear_4bit", "lora_linear_4bit_backward",
+           "lora_linear_nf4", "nf4_parts"]
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' only supported block size for the absmax of absmax
 
@@ -92,6 +93,31 @@ QUANT_FORMATS = {
 def dequantize_4bit(qtensors, quant_type: str, quant_args, shape, dtype: torch.dtype) -> Tensor:
     """The o×i weight in ``dtype`` from a packed 4-bit form (``QUANT_FORMATS[quant_type]``)."""
     return QUANT_FORMATS[quant_type].dequantize(list(qtensors), list(quant_args), list(shape), dtype)
+
+
+@torch.library.custom_op("runlora::dequantize_4bit", mutates_args=())
+def dequantize_4bit_op(qtensors: list[Optional[Tensor]], quant_type: str, quant_args: list[int], shape: list[int],
+                       dtype: torch.dtype, phase: str) -> Tensor:
+    """``dequantize_4bit`` as one opaque op, for the lowered path (``lowering.py``).
+
+    ``phase`` ("forward" or "backward") does nothing but keep a site's two calls distinct:
+    AOTAutograd's CSE would otherwise merge them into one dequantized W kept for backward,
+    the very copy QLoRA must not hold.
+    """
+    return dequantize_4bit(qtensors, quant_type, quant_args, shape, dtype)
+
+
+@dequantize_4bit_op.register_fake
+def _fake_dequantize(qtensors, quant_type, quant_args, shape, dtype, phase):
+    return qtensors[0].new_empty(list(shape), dtype=dtype)
+
+
+def nf4_parts(weight) -> Optional[tuple[list, list]]:
+    """(qtensors, quant_args) of a contiguous torchao NF4Tensor (format "torchao_nf4"), else None."""
+    if "NF4" not in type(weight).__name__ or not weight.is_contiguous():
+        return None
+    return ([weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+             weight.nf4], [int(weight.block_size), int(weight.scaler_block_size)])
 
 
 def _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,

@@ -89,3 +89,26 @@ def test_bench_model_main_fills_every_column(bench_model, tmp_path):
     runlora = rows[-1]
     assert runlora["sites"] == 7  # q, k, v, o, gate, up, down of the one layer
     assert_outputs(rows, json_path, md_path, bench_model.COLUMNS)
+
+
+def test_bench_criteria_main_adds_the_calibrated_roofline(tmp_path):
+    from runlora_fx.roofline import device_model_for
+
+    bench_criteria = load_script("bench_criteria")
+    model_path = tmp_path / "cpu.json"
+    model_path.write_text(json.dumps(device_model_for("cpu").to_dict()))
+    json_path, md_path = tmp_path / "criteria.json", tmp_path / "criteria.md"
+    rows = bench_criteria.main(["--quick", "--grid", "32x64x96x4", "--warmup", "1", "--repeats", "1",
+                                "--tune-repeats", "1", "--device-model", str(model_path),
+                                "--json", str(json_path), "--md", str(md_path)])
+    assert [row["criterion"] for row in rows] == ["flops", "roofline", "time", "roofline_calibrated"]
+    for row in rows:
+        assert row["ms"] > 0 and row["x_best"] >= 1.0 and row["pair"].split(" ")[0] in row["all_ms"]
+    # The same constants as the table: the calibrated roofline must choose as the roofline does.
+    assert rows[3]["pair"] == rows[1]["pair"]
+    assert_outputs(rows, json_path, md_path, bench_criteria.COLUMNS)
+
+
+def test_check_qlora_passes_on_cpu():
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (in the test extra)")
+    assert load_script("check_qlora").main(["--inner", "aot_eager"]) == 0

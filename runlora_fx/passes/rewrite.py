@@ -40,7 +40,7 @@ from .match import LoraSite, Rejection, find_sites
 from .normalize import WeightRef, is_metadata_assert, meta_value
 from .quantized import restores_dx
 
-__all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged"]
+__all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged", "default_rewrite_4bit"]
 
 log = logging.getLogger("runlora_fx.passes")
 
@@ -54,6 +54,28 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
     the README's numerics section. Pass ``allow_merged=True`` to use them anyway.
     """
     return dtype not in _LOW_PRECISION
+
+
+def default_rewrite_4bit(device) -> bool:
+    """4-bit bases are rewritten by default except on CUDA, where bitsandbytes' own path under
+    inductor measured faster (H200 TinyLlama step: runlora 76.7 ms vs peft + inductor 63.5 ms,
+    BENCHMARKS.md). On the CPU runlora is the faster one. ``rewrite_4bit=True`` forces it."""
+    return torch.device(device).type != "cuda"
+
+
+def _skips_4bit(site: LoraSite, rewrite_4bit: Optional[bool], rejected: list) -> bool:
+    """A 4-bit site left to its library (the report says why); never one whose exported
+    graph dropped dX, which only the rewrite gives back."""
+    if site.base.quant is None or restores_dx(site.base):
+        return False
+    device = getattr(meta_value(site.x), "device", "cpu")
+    if (default_rewrite_4bit(device) if rewrite_4bit is None else rewrite_4bit):
+        return False
+    why = "rewrite_4bit=False" if rewrite_4bit is False else (
+        f"4-bit base on {torch.device(device).type}: left to the library's kernels, measured faster there "
+        "(pass rewrite_4bit=True to rewrite)")
+    rejected.append(Rejection(site.path, site.add.name, why))
+    return True
 
 
 def plan_site(site: LoraSite, *, allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
@@ -324,7 +346,7 @@ def _warn_restored_dx(sites: list) -> None:
 def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
             forward_plan: Optional[str] = None, backward_plan: Optional[str] = None,
             graph_name: str = "graph", dry_run: bool = False, device_model=None,
-            time_budget_s: Optional[float] = None, tuner=None) -> RewriteReport:
+            time_budget_s: Optional[float] = None, tuner=None, rewrite_4bit: Optional[bool] = None) -> RewriteReport:
     """Rewrites every legal LoRA site of ``gm`` in place and reports what it did.
 
     Args:
@@ -342,6 +364,8 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
             or cached by then are chosen by the roofline (their report says so).
         tuner: for "time": an ``autotune.Autotuner`` (cache directory, timer, budget), shared
             across calls to share its budget; default: a new one with ``time_budget_s``.
+        rewrite_4bit: rewrite sites on 4-bit bases; default: yes except on CUDA
+            (``default_rewrite_4bit``). Sites whose exported graph dropped dX are always rewritten.
 
     Returns:
         RewriteReport. On an internal error: a warning, the graph unchanged, an empty report.
@@ -355,7 +379,8 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
     backup = _copy_graph(gm)
     try:
         sites, report.rejected = find_sites(gm.graph)
-        sites = [s for s in sites if not _rejects_forced_plan(s, forced, report.rejected)]
+        sites = [s for s in sites if not _rejects_forced_plan(s, forced, report.rejected)
+                 and not _skips_4bit(s, rewrite_4bit, report.rejected)]
         if criterion == "time" and not (forward_plan and backward_plan):
             _measure_sites(sites, tuner, allow_merged)
         choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan,
