@@ -384,8 +384,19 @@ def test_export_decomposed_ir_is_matched():
     model = LMLogits(peft_llama(layers=1))
     ids = lm_inputs()
     ep = runlora_fx.rewrite_exported_program(torch.export.export(model, (ids,)).run_decompositions())
-    assert ep.runlora_report.rewritten >= 6  # o_proj reads a non-contiguous input: expand+bmm form
-    torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-4, atol=1e-5)
+    # o_proj reads a non-contiguous input, which decomposes into the expand + bmm form.
+    assert ep.runlora_report.rewritten == 7, str(ep.runlora_report)
+    assert not [n for n in ep.graph.nodes if n.target is torch.ops.aten.bmm.default
+                and "o_proj" in str(n.meta.get("nn_module_stack", ""))]
+    module = ep.module()
+    torch.testing.assert_close(module(ids), model(ids), rtol=1e-4, atol=1e-5)
+    module(ids).pow(2).mean().backward()
+    model(ids).pow(2).mean().backward()
+    got = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
+    want = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(got) == 14
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
 def test_export_save_load_in_fresh_process(tmp_path):
@@ -432,3 +443,25 @@ def test_runlora_backend_name_resolves_through_the_entry_point():
     model = TorchtuneLoRALinear(16, 24, 4)
     x = torch.randn(2, 16)
     torch.testing.assert_close(torch.compile(model, backend="runlora")(x), model(x))
+
+
+class PerBatchWeight(nn.Module):
+    """``bmm(x, W_b)`` with one weight per batch element: not a linear map, never a LoRA base."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(2, 16, 24), requires_grad=False)
+        self.A = nn.Linear(16, 4, bias=False)
+        self.B = nn.Linear(4, 24, bias=False)
+
+    def forward(self, x):
+        return torch.bmm(x, self.W) + self.B(self.A(x)) * 2.0
+
+
+def test_decomposed_bmm_with_a_per_batch_weight_is_not_a_site():
+    model = PerBatchWeight()
+    x = torch.randn(2, 5, 16)
+    ep = runlora_fx.rewrite_exported_program(torch.export.export(model, (x,)).run_decompositions())
+    assert ep.runlora_report.rewritten == 0
+    assert [r.reason for r in ep.runlora_report.rejected] == ["the LoRA product is not added to a linear base output"]
+    torch.testing.assert_close(ep.module()(x), model(x))

@@ -237,6 +237,8 @@ def as_linear(node: Any) -> Optional[LinearView]:
         return LinearView(node, node.args[0], ref[0], None, (node,) + ref[1])
     # Decomposed / Conv1D form: view(addmm(b, view(x), Wt)) or view(mm(view(x), Wt)).
     inner = node.args[0] if _is_call(node, _VIEW_FN, _VIEW_METHODS) else node
+    if _is_call(inner, {aten.bmm.default}):
+        return _as_broadcast_bmm(node, inner)
     if not _is_call(inner, _ADDMM | {aten.mm.default, torch.mm}):
         return None
     is_addmm = _is_call(inner, _ADDMM)
@@ -256,6 +258,39 @@ def as_linear(node: Any) -> Optional[LinearView]:
     nodes = (node, inner) if node is not inner else (node,)
     return LinearView(node, x, ref[0], inner.args[0] if is_addmm else None,
                       tuple(dict.fromkeys(nodes + tuple(flatten_chain) + ref[1] + views)))
+
+
+def _view_chain(node: Any) -> tuple[Any, tuple]:
+    """Follows aten.view/reshape back: (source, the view nodes passed)."""
+    chain = []
+    while _is_call(node, _VIEW_FN, _VIEW_METHODS):
+        chain.append(node)
+        node = node.args[0]
+    return node, tuple(chain)
+
+
+def _as_broadcast_bmm(node: fx.Node, bmm: fx.Node) -> Optional[LinearView]:
+    """The decomposed ATen IR's linear on an input that is not contiguous (Llama's o_proj)::
+
+        view(bmm(view(expand(x, x.shape)), view(expand(W.permute(1, 0), [b, i, o]))), [..., o])
+
+    x is 3-D and expanded to its own shape; the 2-D weight is broadcast over the batch.
+    """
+    lhs, lhs_views = _view_chain(bmm.args[0])
+    rhs, rhs_views = _view_chain(bmm.args[1])
+    if not (_is_call(lhs, {aten.expand.default}) and _is_call(rhs, {aten.expand.default})):
+        return None
+    x, mat = lhs.args[0], rhs.args[0]
+    x_val, mat_val = meta_value(x), meta_value(mat)
+    if getattr(x_val, "shape", None) is None or list(lhs.args[1]) != list(x_val.shape) or len(x_val.shape) != 3:
+        return None
+    if len(getattr(mat_val, "shape", ())) != 2 or list(rhs.args[1])[1:] != list(mat_val.shape):
+        return None
+    ref = _weight_from(mat, graph_holds_transpose=True)
+    if ref is None:
+        return None
+    nodes = tuple(dict.fromkeys((node, bmm, lhs, rhs) + lhs_views + rhs_views + ref[1]))
+    return LinearView(node, x, ref[0], None, nodes)
 
 
 def _owning_module(node: fx.Node):

@@ -59,7 +59,8 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
 def default_rewrite_4bit(device) -> bool:
     """4-bit bases are rewritten by default except on CUDA, where bitsandbytes' own path under
     inductor measured faster (H200 TinyLlama step: runlora 76.7 ms vs peft + inductor 63.5 ms,
-    BENCHMARKS.md). On the CPU runlora is the faster one. ``rewrite_4bit=True`` forces it."""
+    BENCHMARKS.md). On the CPU the two are at parity and the rewrite saves x @ A activations.
+    ``rewrite_4bit=True`` forces it."""
     return torch.device(device).type != "cuda"
 
 
