@@ -31,11 +31,13 @@ import dataclasses
 import functools
 import logging
 import math
+import statistics
 from typing import Optional, Sequence, Union
 
 import sympy
 import torch
 
+from .autotune import seconds_once
 from .cost import PiecewisePlan, applicable_plans
 from .plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, i, n, o, r
 
@@ -177,25 +179,9 @@ def _warn_unknown(name: str) -> None:
 
 
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` (device events on CUDA), after one warm-up call."""
-    import statistics
-    import time
-
+    """Median seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds_once(fn, device) for _ in range(repeats))
 
 
 def calibrate(device: Union[str, torch.device] = "cuda", dtypes: Sequence[str] = ("bfloat16", "float32"), *,

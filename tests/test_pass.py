@@ -362,6 +362,17 @@ class LMLogits(nn.Module):
         return self.model(input_ids=ids).logits
 
 
+def assert_same_lora_grads(module, model, ids, *, expect):
+    """One backward of a sum of squares through both: the same grads, ``expect`` of them."""
+    module(ids).pow(2).mean().backward()
+    model(ids).pow(2).mean().backward()
+    got = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
+    want = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(got) == expect
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
 def test_export_rewrite_runs_trains_and_survives_decompositions():
     model = LMLogits(peft_llama())
     ids = lm_inputs()
@@ -371,13 +382,7 @@ def test_export_rewrite_runs_trains_and_survives_decompositions():
     decomposed = ep.run_decompositions()
     assert sum(n.target is LORA_OP for n in decomposed.graph.nodes) == 14
     module = ep.module()
-    module(ids).pow(2).mean().backward()
-    model(ids).pow(2).mean().backward()
-    got = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
-    want = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    assert got.keys() == want.keys() and len(got) == 28
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert_same_lora_grads(module, model, ids, expect=28)
 
 
 def test_export_decomposed_ir_is_matched():
@@ -390,13 +395,7 @@ def test_export_decomposed_ir_is_matched():
                 and "o_proj" in str(n.meta.get("nn_module_stack", ""))]
     module = ep.module()
     torch.testing.assert_close(module(ids), model(ids), rtol=1e-4, atol=1e-5)
-    module(ids).pow(2).mean().backward()
-    model(ids).pow(2).mean().backward()
-    got = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
-    want = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    assert got.keys() == want.keys() and len(got) == 14
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert_same_lora_grads(module, model, ids, expect=14)
 
 
 def test_export_save_load_in_fresh_process(tmp_path):
