@@ -320,3 +320,15 @@ def test_4bit_sites_are_left_to_the_library_on_cuda_by_default_and_when_asked():
     report = backend.reports[0]
     assert report.rewritten == 0
     assert [r.reason for r in report.rejected] == ["rewrite_4bit=False"] * 7
+
+
+def test_opcheck_dequantize_op_and_it_equals_the_function():
+    from runlora_fx.qlora import dequantize_4bit
+
+    layer = bnb.nn.Linear4bit(32, 48, bias=False, compute_dtype=torch.float32, compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(48, 32), requires_grad=False, compress_statistics=True)._quantize("cpu")
+    qs = layer.weight.quant_state
+    qtensors = [layer.weight.view(-1, 1), qs.state2.absmax, qs.absmax, qs.state2.code, qs.offset]
+    args = (qtensors, "bnb_nf4", [qs.blocksize], [48, 32], torch.float32, "backward")
+    torch.library.opcheck(torch.ops.runlora.dequantize_4bit.default, args)
+    assert torch.equal(torch.ops.runlora.dequantize_4bit(*args), dequantize_4bit(*args[:4], torch.float32))
