@@ -97,9 +97,9 @@ def dequantize_4bit(qtensors, quant_type: str, quant_args, shape, dtype: torch.d
 
 # runlora::dequantize_4bit is a plain dispatcher op with a Python kernel rather than a
 # torch.library.custom_op: it runs once or twice per 4-bit site per step inside compiled
-# graphs, and custom_op's autograd and dynamo-disable wrappers cost ~70-90 µs a call there
-# (measured on the CPU), as much as the dequantization of a small layer. Its inputs never
-# need grad (packed weights), so it has no autograd formula.
+# graphs, and custom_op's autograd and dynamo-disable wrappers cost 13-31 µs a call more
+# (measured on the CPU, BENCHMARKS.md). Its inputs never need grad (packed weights), so it
+# has no autograd formula.
 _LIB = torch.library.Library("runlora", "FRAGMENT")
 _LIB.define("dequantize_4bit(Tensor?[] qtensors, str quant_type, int[] quant_args, int[] shape, ScalarType dtype, "
             "str phase) -> Tensor")
