@@ -18,7 +18,8 @@
 #      DEVICE in bf16 (fp32 on CPU); QLoRA (check_qlora.py) if bitsandbytes imports
 #   3. bench_criteria: flops / roofline / calibrated roofline / time, one layer per grid point
 #   4. QLoRA step (bitsandbytes NF4 base): tinyllama11 B=8 S=1024 r=16, peft eager, peft +
-#      inductor, runlora and runlora_opaque with the 4-bit sites rewritten (--rewrite-4bit)
+#      inductor, runlora and runlora_opaque with the 4-bit sites rewritten (--rewrite-4bit);
+#      then torch.profiler's per-op tables of peft + inductor and runlora (profile_step.py)
 #   5. criteria step: tinyllama11 with merged plans allowed, runlora by flops / roofline /
 #      time, and peft + inductor
 #   6. if time is left: pytest tests/test_qlora.py (export matching on this torch)
@@ -26,7 +27,8 @@
 # A step that fails or times out is recorded and the next one runs. Every result file is
 # written as it grows, so a step cut short keeps what it measured. $OUT gets at most 8 files
 # (the device tool returns no more): suite.log, summary.md, device_model.json,
-# criteria.json, qlora_model.json, criteria_model.json (+ layer.json, model.json with EXTRA=1).
+# criteria.json, qlora_model.json, qlora_profile.md, criteria_model.json (EXTRA=1's steps
+# put their tables in summary.md only).
 #
 # Env: OUT (required), DEVICE (cuda|cpu, default cuda), QUICK (1: tiny sizes), PYTHON
 # (default python), INNER (inductor|aot_eager), BUDGET_S, EXTRA (1: step 7).
@@ -188,6 +190,12 @@ if [ "$HAVE_BNB" = 1 ]; then
     --json "$OUT/qlora_model.json" --md "$MD_DIR/2_qlora_model.md"
 fi
 
+if [ "$HAVE_BNB" = 1 ]; then
+  run_step profile_qlora 120 "$PYTHON" benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
+    --inner "$INNER" "${MODEL_ARGS[@]}" --qlora nf4 --rewrite-4bit --modes peft_inductor,runlora \
+    --out "$OUT/qlora_profile.md"
+fi
+
 # --- 5. criteria, model step --------------------------------------------------------------
 run_step bench_model_criteria 200 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
   --inner "$INNER" "${MODEL_ARGS[@]}" --allow-merged --warmup 3 --repeats 5 \
@@ -207,10 +215,10 @@ if [ "$EXTRA" = 1 ]; then
     LAYER_ARGS=(--grid 16384x4096x4096x8 --grid 8192x2048x5632x16 --grid 8192x5632x2048x16)
   fi
   run_step bench_layer 150 "$PYTHON" benchmarks/bench_layer.py --device "$DEVICE" --dtype "$DTYPE" \
-    --inner "$INNER" "${LAYER_ARGS[@]}" --json "$OUT/layer.json" --md "$MD_DIR/4_layer.md"
+    --inner "$INNER" "${LAYER_ARGS[@]}" --md "$MD_DIR/4_layer.md"
   run_step bench_model_tinyllama11 210 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --dtype "$DTYPE" \
     --inner "$INNER" "${MODEL_ARGS[@]}" --modes peft_eager,peft_inductor,runlora,frozen_inductor,runlora_opaque \
-    --json "$OUT/model.json" --md "$MD_DIR/5_model.md"
+    --md "$MD_DIR/5_model.md"
 fi
 
 log "suite done in ${SECONDS}s"

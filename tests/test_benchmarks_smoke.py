@@ -112,3 +112,14 @@ def test_bench_criteria_main_adds_the_calibrated_roofline(tmp_path):
 def test_check_qlora_passes_on_cpu():
     pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (in the test extra)")
     assert load_script("check_qlora").main(["--inner", "aot_eager"]) == 0
+
+
+def test_profile_step_writes_a_table_per_mode(tmp_path):
+    out = tmp_path / "profile.md"
+    text = load_script("profile_step").main(["--quick", "--inner", "aot_eager", "--layers", "1", "--batch", "1",
+                                             "--seq", "16", "--warmup", "1", "--steps", "1", "--rows", "5",
+                                             "--modes", "peft_eager,runlora", "--out", str(out)])
+    assert out.read_text() == text
+    for mode in ("peft_eager", "runlora"):
+        assert f"## llama_tiny {mode}" in text
+    assert text.count("aten::mm") >= 2  # the heaviest ops are listed for both modes
