@@ -332,3 +332,14 @@ def test_opcheck_dequantize_op_and_it_equals_the_function():
     args = (qtensors, "bnb_nf4", [qs.blocksize], [48, 32], torch.float32, "backward")
     torch.library.opcheck(torch.ops.runlora.dequantize_4bit.default, args)
     assert torch.equal(torch.ops.runlora.dequantize_4bit(*args), dequantize_4bit(*args[:4], torch.float32))
+
+
+def test_strict_export_torchao_nf4_restores_dx_and_trains_like_eager():
+    model = nf4_model()
+    x = torch.randn(2, 6, 256)
+    ep = torch.export.export(copy.deepcopy(model), (x,), strict=True)
+    with pytest.warns(UserWarning, match="traced under no_grad"):
+        ep = runlora_fx.rewrite_exported_program(ep)
+    assert ep.runlora_report.rewritten == 2, str(ep.runlora_report)
+    assert not [n for n in ep.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
+    _assert_trains_like_eager(ep.module(), model, x.requires_grad_(), lambda m, x: m(x).pow(2).mean())

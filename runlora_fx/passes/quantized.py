@@ -10,6 +10,8 @@ Four spellings, all read as ``x @ dequant(W).T (+ bias)``:
     torchao NF4, Dynamo                 autograd_function_apply(fwd_body, bwd_body, nf4_weight, x)[0]
                                         # fwd_body: linear(x, nf4_weight.to(dtype))
     torchao NF4, torch.export           linear(x, <aten chain over access_subclass_inner_tensor(nf4_weight, name)>)
+    torchao NF4, torch.export strict    wrap_with_set_grad_enabled(False, body, <the five reads>, x)[0]
+                                        # body: linear(x, <the same chain>) (LinearNF4.forward)
 
 ``quant`` holds what ``runlora.lora_linear_4bit`` takes: ``quant_type`` (a key of
 ``qlora.QUANT_FORMATS``), ``qtensors`` (nodes), ``quant_args`` and ``shape``; the torchao
@@ -50,9 +52,9 @@ def is_bnb_gemm(node: fx.Node) -> bool:
 
 
 def restores_dx(view: LinearView) -> bool:
-    """True where the graph computes the 4-bit base under no_grad (torch.export's trace of
-    bitsandbytes' MatMul4Bit) although eager autograd flows through it: the rewrite gives
-    the exported program the base layer's dX back."""
+    """True where the graph computes the 4-bit base under no_grad (torch.export's strict trace
+    of bitsandbytes' MatMul4Bit or torchao's LinearNF4) although eager autograd flows through
+    it: the rewrite gives the exported program the base layer's dX back."""
     return bool(view.quant and view.quant.get("restores_dx"))
 
 
@@ -106,7 +108,9 @@ def as_quantized_linear(node: fx.Node) -> Optional[LinearView]:
     extra = tuple(a for a in hop.args[:2] if isinstance(a, fx.Node))
     gemms = [n for n in body.graph.nodes if is_bnb_gemm(n)]
     if len(gemms) != 1:
-        return _as_nf4_tensor_linear(node, hop, body, outer, extra) if grad_enabled else None
+        if grad_enabled:
+            return _as_nf4_tensor_linear(node, hop, body, outer, extra)
+        return _as_nf4_region_linear(node, hop, body, outer, extra)
     if not grad_enabled and "bitsandbytes" not in (gemms[0].meta.get("stack_trace") or ""):
         return None  # a user's own no_grad region: its semantics (no dX) are kept
 
@@ -154,28 +158,34 @@ _ACCESS_INNER = "export::access_subclass_inner_tensor"
 _verified: dict = {}  # chain signature -> bool
 
 
-def as_nf4_chain_weight(weight: fx.Node) -> Optional[tuple[dict, tuple]]:
+def as_nf4_chain_weight(weight: fx.Node, outer: Optional[dict] = None) -> Optional[tuple[dict, tuple]]:
     """(quant, chain nodes) when ``weight`` is torchao's NF4 dequantization as torch.export
     unwraps it: a chain of ATen calls whose only leaves are the five
-    ``access_subclass_inner_tensor(nf4_weight, name)`` reads of one contiguous NF4Tensor."""
+    ``access_subclass_inner_tensor(nf4_weight, name)`` reads of one contiguous NF4Tensor.
+
+    ``outer`` maps a region body's placeholders to the outer graph's operands (a chain traced
+    inside ``wrap_with_set_grad_enabled``): a placeholder bound to such a read counts as it.
+    """
     if not isinstance(weight, fx.Node) or weight.op != "call_function":
         return None
-    chain, access, stack = [], {}, [weight]
+    outer = outer or {}
+    chain, leaves, reads, stack = [], {}, {}, [weight]  # leaves: name -> node in the chain's graph
     seen = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_function" and _op_name(node.target) == _ACCESS_INNER:
-            access[node.args[1]] = node
+        read = outer.get(node, node)
+        if isinstance(read, fx.Node) and read.op == "call_function" and _op_name(read.target) == _ACCESS_INNER:
+            leaves[read.args[1]], reads[read.args[1]] = node, read
             continue
         if node.op != "call_function" or len(chain) >= _MAX_CHAIN:
             return None
         chain.append(node)
         stack.extend(node.all_input_nodes)
-    sources = {n.args[0] for n in access.values()}
-    if set(access) != set(_NF4_INNER) or len(sources) != 1:
+    sources = {n.args[0] for n in reads.values()}
+    if set(reads) != set(_NF4_INNER) or len(sources) != 1:
         return None
     (source,) = sources
     nf4 = meta_value(source)
@@ -184,16 +194,36 @@ def as_nf4_chain_weight(weight: fx.Node) -> Optional[tuple[dict, tuple]]:
         return None
     quant = {
         "quant_type": "torchao_nf4",
-        "qtensors": [access[name] for name in _NF4_INNER],
+        "qtensors": [reads[name] for name in _NF4_INNER],
         "quant_args": [int(nf4.block_size), int(nf4.scaler_block_size)],
         "shape": [int(d) for d in nf4.shape],
         "source": source,
     }
     order = {n: k for k, n in enumerate(weight.graph.nodes)}
     chain.sort(key=order.__getitem__)
-    if not _chain_is_dequantization(chain, weight, access, quant, out.dtype):
+    if not _chain_is_dequantization(chain, weight, leaves, quant, out.dtype):
         return None
     return quant, tuple(chain)
+
+
+def _as_nf4_region_linear(getitem: fx.Node, hop: fx.Node, body: fx.GraphModule, outer: dict,
+                          extra: tuple) -> Optional[LinearView]:
+    """torchao's ``linear_nf4`` under strict torch.export: LinearNF4.forward traced under
+    no_grad as ``wrap_with_set_grad_enabled(False, body, <the five inner tensors>, x)[0]``,
+    the body holding ``linear(x, <NF4 dequantization chain>)``."""
+    linears = [n for n in body.graph.nodes if _is_call(n, _LINEAR)]
+    if len(linears) != 1 or _arg(linears[0], 2, "bias") is not None:
+        return None
+    (linear,) = linears
+    if "torchao" not in (linear.meta.get("stack_trace") or ""):
+        return None  # a user's own no_grad region: its semantics (no dX) are kept
+    found = as_nf4_chain_weight(_arg(linear, 1, "weight"), outer)
+    x = outer.get(linear.args[0])
+    if found is None or x is None:
+        return None
+    quant = dict(found[0], restores_dx=True)
+    return LinearView(getitem, x, WeightRef(quant["source"], transposed=False), None, (getitem, hop) + extra,
+                      quant=quant)
 
 
 def _chain_signature(chain: list, access: dict, quant: dict, dtype) -> tuple:

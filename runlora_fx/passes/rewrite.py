@@ -340,8 +340,9 @@ def _warn_restored_dx(sites: list) -> None:
     if restored:
         warnings.warn(
             f"runlora: {len(restored)} 4-bit base layer(s) (first: {restored[0]}) were traced under no_grad "
-            "(torch.export runs bitsandbytes' MatMul4Bit.forward so), which drops their dX from the exported "
-            "program; the rewritten op computes dX through the base as eager autograd does", stacklevel=3)
+            "(torch.export runs the forward of bitsandbytes' MatMul4Bit and torchao's LinearNF4 so), which drops "
+            "their dX from the exported program; the rewritten op computes dX through the base as eager "
+            "autograd does", stacklevel=3)
 
 
 def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
