@@ -12,13 +12,14 @@ Rewrite to::
 
 Both are one autograd.Function whose forward and backward are the plan's mm/addmm calls
 (``plans.py``), so AOTAutograd traces them into the joint graph and inductor fuses the
-scaling, casts and adds around them with no op boundary or per-call dispatch. A 4-bit weight
-is dequantized inside it by ``runlora.dequantize_4bit`` (opaque, so AOTAutograd cannot merge
-the forward and backward calls into one saved copy), in forward and in backward only when dX
-is needed, and never saved. Inductor does not reassociate matmuls, so the chosen chain survives. A piecewise
-plan is resolved at the traced n's size hint without installing a guard: every plan is
-exact, so a dynamic graph stays one graph and only the plan for other n may be the costlier
-one (the opaque op, by contrast, resolves the piecewise plan on every call).
+scaling, casts and adds around them with no op boundary or per-call dispatch. A 4-bit
+weight is dequantized inside it by ``runlora.dequantize_4bit`` (opaque, so AOTAutograd
+cannot merge the forward and backward calls into one saved copy), in forward and in
+backward only when dX is needed, and never saved. Inductor does not reassociate matmuls, so
+the chosen chain survives. A piecewise plan is resolved at the traced n's size hint without
+installing a guard: every plan is exact, so a dynamic graph stays one graph and only the
+plan for other n may be the costlier one (the opaque op, by contrast, resolves the
+piecewise plan on every call).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["lowered_lora_linear", "lowered_lora_linear_4bit", "lower_runlora_ops
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dense:
+class _WeightTensor:
     """W itself (``.to`` returns W when already in x's dtype); or torchao's NF4Tensor,
     dequantized by ``runlora.dequantize_4bit``; or another weight-only quantized subclass
     that dequantizes on ``.to(dtype)``."""
@@ -71,7 +72,7 @@ class _Packed4bit:
 
 
 class _LoweredLoRA(torch.autograd.Function):
-    """The plan's chain as an autograd.Function; ``weight`` (a ``_Dense`` or ``_Packed4bit``)
+    """The plan's chain as an autograd.Function; ``weight`` (a ``_WeightTensor`` or ``_Packed4bit``)
     turns ``*parts`` into W: in forward, and in backward only when dX is needed."""
 
     @staticmethod
@@ -109,7 +110,7 @@ def lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, a
                         forward_plan="forward1", backward_plan="backward1"):
     """Same contract as ``torch.ops.runlora.lora_linear``, as traceable ATen calls."""
     return _LoweredLoRA.apply(x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
-                              _Dense(), weight)
+                              _WeightTensor(), weight)
 
 
 def lowered_lora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling,
