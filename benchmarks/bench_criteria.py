@@ -7,8 +7,8 @@
 
 At each grid point ``NxIxOxR`` (all of x, A, B need gradients, no bias, W frozen):
 
-1. ``flops`` and ``roofline`` choose from their models (``runlora_fx.select.choose``; the
-   roofline with the device's table entry, ``runlora_fx.roofline.DEVICE_MODELS``). With
+1. ``flops`` and ``roofline`` choose from their models (``runlora_fx.choose.choose``; the
+   roofline with the device's table entry, ``runlora_fx.choose.roofline.DEVICE_MODELS``). With
    ``--device-model FILE.json`` (``runlora-fx calibrate --json``) a fourth row,
    ``roofline_calibrated``, uses the measured constants.
 2. ``time`` chooses by measuring: a fresh ``Autotuner`` (empty cache in a temporary
@@ -35,9 +35,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import runlora_fx  # noqa: E402,F401  registers the op
-from runlora_fx.autotune import Autotuner, SiteInputs  # noqa: E402
+from runlora_fx.choose.measure import Autotuner, SiteInputs  # noqa: E402
 from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS  # noqa: E402
-from runlora_fx.select import choose, time_request  # noqa: E402
+from runlora_fx.choose import choose, time_request  # noqa: E402
 
 CRITERIA = ("flops", "roofline", "time")
 DEFAULT_GRID = {

@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import runlora_fx  # noqa: E402
-from runlora_fx.cost import parse_plan  # noqa: E402
+from runlora_fx.plans import parse_plan  # noqa: E402
 from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS  # noqa: E402
 
 PLAN_PAIRS = [(f, b) for f in FORWARD_PLANS for b in ("backward1", "backward4", "backward5")]

@@ -72,7 +72,7 @@ def check_torchao_nf4(device: str) -> bool:
     except Exception as exc:  # noqa: BLE001 - optional
         print(f"skip torchao NF4 check: {type(exc).__name__}: {exc}")
         return True
-    from runlora_fx.qlora import dequantize_4bit
+    from runlora_fx.ops.quantized import dequantize_4bit
 
     ok = True
     for dtype in (torch.bfloat16, torch.float32):

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from runlora_fx.autotune import cpu_model
+from runlora_fx.choose.measure import cpu_model
 
 __all__ = [
     "DTYPES",

@@ -4,22 +4,30 @@
     runlora_fx.rewrite_exported_program(ep)             # torch.export programs
     runlora_fx.explain(model, *example_inputs)          # what would be rewritten, and why
     runlora_fx.tune(model, *example_inputs)             # time plans ahead for criterion="time"
+
+The package reads as the pipeline a graph travels (README, "Layout"): front doors here
+(``backend``, ``export``, ``explain``, ``tuning``, ``cli``) -> ``passes/`` (dialects, match,
+rewrite, lower) -> ``choose/`` (FLOPs, roofline, measured time) -> ``ops/`` (the torch.library
+contract) -> ``plans/`` (the catalogue); ``inspection/`` reads what happened, ``options``
+holds every setting and default.
 """
 
 from ._compat import check_torch_version
 
 check_torch_version()
 
-from . import ops, qlora  # noqa: E402  registers torch.ops.runlora.*
-from .autotune import tune  # noqa: E402
+from . import ops  # noqa: E402  registers torch.ops.runlora.*
 from .backend import make_backend, runlora_backend  # noqa: E402
-from .cost import PiecewisePlan, PlanChoice, choose_plan  # noqa: E402
+from .choose import PlanChoice, choose_plan  # noqa: E402
+from .choose.roofline import DeviceModel  # noqa: E402
 from .explain import explain  # noqa: E402
 from .export import load, rewrite_exported_program  # noqa: E402
+from .inspection.report import RewriteReport  # noqa: E402
+from .ops import quantized as qlora  # noqa: E402  the 4-bit ops, under their former name
+from .options import RewriteOptions  # noqa: E402
 from .passes.rewrite import rewrite  # noqa: E402
-from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs  # noqa: E402
-from .report import RewriteReport  # noqa: E402
-from .roofline import DeviceModel  # noqa: E402
+from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, PiecewisePlan  # noqa: E402
+from .tuning import tune  # noqa: E402
 
 __all__ = [
     "BACKWARD_PLANS",
@@ -28,6 +36,7 @@ __all__ = [
     "Needs",
     "PiecewisePlan",
     "PlanChoice",
+    "RewriteOptions",
     "RewriteReport",
     "choose_plan",
     "explain",

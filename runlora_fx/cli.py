@@ -151,7 +151,7 @@ def _run_calibrate(args) -> int:
 
     import torch
 
-    from .roofline import calibrate, device_model_for
+    from .choose.roofline import calibrate, device_model_for
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]
@@ -288,7 +288,7 @@ def _describe(value) -> str:
 
 # --- regions -------------------------------------------------------------------------------
 def _run_regions(args) -> int:
-    from . import regions
+    from .inspection import regions
 
     tokens = args.tokens or list(regions.DEFAULT_TOKENS)
     ranks = args.ranks or list(regions.DEFAULT_RANKS)

@@ -9,10 +9,13 @@ holds ``runlora.lora_linear`` nodes; it runs (``.module()``), trains, survives
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .inspection.report import RewriteReport
+from .options import RewriteOptions
 from .passes.rewrite import rewrite
-from .report import RewriteReport
 
 __all__ = ["rewrite_exported_program", "load"]
 
@@ -29,20 +32,25 @@ def _mark_parameters(ep) -> None:
                 node.meta["runlora_requires_grad"] = bool(t.requires_grad)
 
 
-def rewrite_exported_program(ep: torch.export.ExportedProgram, **options) -> torch.export.ExportedProgram:
+def rewrite_exported_program(ep: torch.export.ExportedProgram, options: Optional[RewriteOptions] = None, *,
+                             graph_name: str = "exported_program", **option_fields) -> torch.export.ExportedProgram:
     """Rewrites the LoRA sites of ``ep`` in place and returns it.
 
     Args:
         ep: an ExportedProgram (training IR or decomposed).
-        **options: as for ``runlora_fx.rewrite`` (allow_merged, forward_plan, ...).
+        options, **option_fields: as for ``runlora_fx.rewrite`` (allow_merged, forward_plan, ...).
+            ``rewrite_4bit`` defaults to True here: an exported program is not tied to one
+            device's kernels.
+        graph_name: label for the report.
 
     Returns:
         ``ep`` itself, with ``ep.runlora_report`` set to the RewriteReport.
     """
     _mark_parameters(ep)
-    options.setdefault("rewrite_4bit", True)  # an exported program is not tied to one device's kernels
-    report: RewriteReport = rewrite(ep.graph_module, graph_name=options.pop("graph_name", "exported_program"),
-                                    **options)
+    options = RewriteOptions.build(options, **option_fields)
+    if options.rewrite_4bit is None:
+        options = RewriteOptions.build(options, rewrite_4bit=True)
+    report: RewriteReport = rewrite(ep.graph_module, options, graph_name=graph_name)
     _sync_output_specs(ep)
     ep.runlora_report = report
     return ep

@@ -92,7 +92,7 @@ def test_bench_model_main_fills_every_column(bench_model, tmp_path):
 
 
 def test_bench_criteria_main_adds_the_calibrated_roofline(tmp_path):
-    from runlora_fx.roofline import device_model_for
+    from runlora_fx.choose.roofline import device_model_for
 
     bench_criteria = load_script("bench_criteria")
     model_path = tmp_path / "cpu.json"

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 import runlora_fx
-from runlora_fx import cli, regions
+from runlora_fx import cli
+from runlora_fx.inspection import regions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,8 @@ import sympy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runlora_fx.cost import choose_plan, parse_plan
+from runlora_fx.choose import choose_plan
+from runlora_fx.plans import parse_plan
 from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, i, n, o
 
 

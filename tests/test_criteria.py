@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 import runlora_fx
-from runlora_fx import roofline
-from runlora_fx.autotune import Autotuner, TuneKey, pair_name
+from runlora_fx.choose import roofline
+from runlora_fx.choose.measure import Autotuner, TuneKey, pair_name
 from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS, Needs
-from runlora_fx.select import choose
+from runlora_fx.choose import choose
 
 PAIRS = [pair_name(f, b) for f in ("forward1", "forward2") for b in ("backward1", "backward4", "backward5")]
 
@@ -169,7 +169,7 @@ def test_time_budget_zero_falls_back_to_roofline_and_says_so(tmp_path, monkeypat
 def test_corrupt_or_stale_cache_is_ignored_with_a_warning_and_remeasured(tmp_path):
     path = tmp_path / "timings.json"
     for content, match in (("{not json", "corrupt"), (json.dumps({"schema": 0, "entries": {}}), "schema 0")):
-        runlora_fx.autotune.forget_memory(str(tmp_path))
+        runlora_fx.choose.measure.forget_memory(str(tmp_path))
         path.write_text(content)
         timer = FakeTimer()
         with pytest.warns(UserWarning, match=match):
@@ -212,7 +212,7 @@ def test_tune_ahead_then_compile_measures_nothing_new(tmp_path, monkeypatch):
 # --- the disk cache across processes ---------------------------------------------------------
 TUNE_SCRIPT = textwrap.dedent("""
     import json, torch, torch.nn as nn, runlora_fx
-    from runlora_fx.autotune import Autotuner
+    from runlora_fx.choose.measure import Autotuner
 
     class LoraLinear(nn.Module):
         def __init__(self, i, o, r):
@@ -233,7 +233,7 @@ TUNE_SCRIPT = textwrap.dedent("""
 
 WRITER_SCRIPT = textwrap.dedent("""
     import os, sys, time, torch
-    from runlora_fx.autotune import Autotuner, TuneKey
+    from runlora_fx.choose.measure import Autotuner, TuneKey
 
     proc, run_dir = int(sys.argv[1]), sys.argv[2]
     tuner = Autotuner(cache_dir=run_dir, timer=lambda key, f, b: 1e-3 * (proc + 1))

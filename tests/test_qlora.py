@@ -101,7 +101,7 @@ def test_no_dequantized_weight_is_saved_and_saved_bytes_do_not_grow(backend_kwar
 
 
 def test_backward_dequantizes_only_when_dx_is_needed(monkeypatch):
-    from runlora_fx import qlora
+    from runlora_fx.ops import quantized as qlora
 
     calls = []
     real = qlora.dequantize_4bit
@@ -259,7 +259,7 @@ def test_torchao_nf4_dequantization_equals_torchao_bitwise():
     pytest.importorskip("torchao", reason="needs torchao (in the test extra)")
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    from runlora_fx.qlora import dequantize_4bit
+    from runlora_fx.ops.quantized import dequantize_4bit
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -309,7 +309,7 @@ def test_export_chain_that_is_not_nf4_dequantization_stays_dense():
 
 
 def test_4bit_sites_are_left_to_the_library_on_cuda_by_default_and_when_asked():
-    from runlora_fx.passes.rewrite import default_rewrite_4bit
+    from runlora_fx.options import default_rewrite_4bit
 
     assert default_rewrite_4bit("cpu") and not default_rewrite_4bit("cuda:0")
     torch.manual_seed(0)
@@ -323,7 +323,7 @@ def test_4bit_sites_are_left_to_the_library_on_cuda_by_default_and_when_asked():
 
 
 def test_opcheck_dequantize_op_and_it_equals_the_function():
-    from runlora_fx.qlora import dequantize_4bit
+    from runlora_fx.ops.quantized import dequantize_4bit
 
     layer = bnb.nn.Linear4bit(32, 48, bias=False, compute_dtype=torch.float32, compress_statistics=True)
     layer.weight = bnb.nn.Params4bit(torch.randn(48, 32), requires_grad=False, compress_statistics=True)._quantize("cpu")

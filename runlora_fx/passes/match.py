@@ -1,13 +1,13 @@
 """Find LoRA sites in an FX graph and decide whether rewriting each is exact.
 
-Matches (any dialect, see ``normalize.py``; scale on either side, between A and B or after B)::
+Matches (any dialect, see ``dialects.py``; scale on either side, between A and B or after B)::
 
     base = linear(x, W, b)                 # W, b frozen
     xa   = linear(x_lora, A)               # x_lora = x, x.to(dtype), dropout(x), ...
     lora = linear(xa, B) * s               # s a Python number; B may carry a bias
     y    = base + lora
 
-Legality lives in ``can_rewrite`` (a reason string when not); profitability is ``cost.py``.
+Legality lives in ``can_rewrite`` (a reason string when not); profitability is ``choose/``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from ..plans import Needs
-from .normalize import LinearView, as_add, as_linear, as_scale, cast_dtype, is_metadata_assert, meta_value, strip_noop
+from .dialects import as_add, as_linear, as_scale, strip_noop
+from .nodes import LinearView, cast_dtype, is_metadata_assert, meta_value
 
 __all__ = ["LoraProduct", "LoraSite", "Rejection", "match_lora", "find_sites", "module_path", "to_sympy"]
 

@@ -14,12 +14,12 @@ Four spellings, all read as ``x @ dequant(W).T (+ bias)``:
                                         # body: linear(x, <the same chain>) (LinearNF4.forward)
 
 ``quant`` holds what ``runlora.lora_linear_4bit`` takes: ``quant_type`` (a key of
-``qlora.QUANT_FORMATS``), ``qtensors`` (nodes), ``quant_args`` and ``shape``; the torchao
+``ops/quantized.py``: ``QUANT_FORMATS``), ``qtensors`` (nodes), ``quant_args`` and ``shape``; the torchao
 Dynamo form keeps the NF4Tensor node itself (``quant_type`` "torchao_nf4_tensor"), which
 only the lowered autograd.Function can take.
 
 An exported NF4 dequantization chain is accepted only after it is checked: it is run on
-random inner tensors and must equal ``qlora.dequantize_4bit`` bit for bit (once per distinct
+random inner tensors and must equal ``ops.quantized.dequantize_4bit`` bit for bit (once per distinct
 chain). A chain that computes anything else is not read as a 4-bit base.
 """
 
@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .normalize import _LINEAR, LinearView, WeightRef, _arg, _is_call, _strip_flatten, cast_dtype, meta_value
+from ..ops.quantized import dequantize_4bit
+from .nodes import LINEAR_FNS, LinearView, WeightRef, arg, cast_dtype, is_call, meta_value, strip_flatten
 
-__all__ = ["as_quantized_linear", "as_nf4_chain_weight", "restores_dx"]
+__all__ = ["as_nf4_chain_weight", "read_bnb_gemm", "read_quantized_region", "restores_dx"]
 
 _BNB_GEMM = "bitsandbytes::gemm_4bit"
 _BNB_ARGS = ("x", "qweight", "shape", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code",
@@ -95,10 +96,14 @@ def _hop_body(getitem: fx.Node):
     return hop, body, dict(zip(placeholders, operands)), grad_enabled
 
 
-def as_quantized_linear(node: fx.Node) -> Optional[LinearView]:
-    """A 4-bit base in any of the forms in the module docstring, or None."""
-    if is_bnb_gemm(node):
-        return as_bnb_gemm(node)
+def read_bnb_gemm(node: fx.Node) -> Optional[LinearView]:
+    """The dialect-table reader for a bare ``gemm_4bit`` call."""
+    return as_bnb_gemm(node) if is_bnb_gemm(node) else None
+
+
+def read_quantized_region(node: fx.Node) -> Optional[LinearView]:
+    """The dialect-table reader for ``hop(...)[0]``: a 4-bit base inside an autograd_function_apply
+    or wrap_with_set_grad_enabled body (the forms in the module docstring), or None."""
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     found = _hop_body(node)
@@ -115,7 +120,7 @@ def as_quantized_linear(node: fx.Node) -> Optional[LinearView]:
         return None  # a user's own no_grad region: its semantics (no dX) are kept
 
     def to_outer(arg):
-        return outer.get(_strip_flatten(arg)) if isinstance(arg, fx.Node) else arg
+        return outer.get(strip_flatten(arg)) if isinstance(arg, fx.Node) else arg
 
     inner = as_bnb_gemm(gemms[0])
     qtensors = [to_outer(t) for t in inner.quant["qtensors"]]
@@ -138,12 +143,12 @@ def _as_nf4_tensor_linear(getitem: fx.Node, hop: fx.Node, body: fx.GraphModule, 
         out = torch.ops.higher_order.autograd_function_apply(fwd_body, bwd_body, nf4_weight, x)[0]
         # fwd_body: w = nf4_weight.to(dtype); out = linear(x, w)
     """
-    linears = [n for n in body.graph.nodes if _is_call(n, _LINEAR)]
+    linears = [n for n in body.graph.nodes if is_call(n, LINEAR_FNS)]
     if len(linears) != 1:
         return None
     (linear,) = linears
-    deq, x_inner = _arg(linear, 1, "weight"), linear.args[0]
-    if cast_dtype(deq) is None or _arg(linear, 2, "bias") is not None:
+    deq, x_inner = arg(linear, 1, "weight"), linear.args[0]
+    if cast_dtype(deq) is None or arg(linear, 2, "bias") is not None:
         return None
     weight, x = outer.get(deq.args[0]), outer.get(x_inner)
     if weight is None or x is None or not _is_nf4(meta_value(weight)):
@@ -211,13 +216,13 @@ def _as_nf4_region_linear(getitem: fx.Node, hop: fx.Node, body: fx.GraphModule, 
     """torchao's ``linear_nf4`` under strict torch.export: LinearNF4.forward traced under
     no_grad as ``wrap_with_set_grad_enabled(False, body, <the five inner tensors>, x)[0]``,
     the body holding ``linear(x, <NF4 dequantization chain>)``."""
-    linears = [n for n in body.graph.nodes if _is_call(n, _LINEAR)]
-    if len(linears) != 1 or _arg(linears[0], 2, "bias") is not None:
+    linears = [n for n in body.graph.nodes if is_call(n, LINEAR_FNS)]
+    if len(linears) != 1 or arg(linears[0], 2, "bias") is not None:
         return None
     (linear,) = linears
     if "torchao" not in (linear.meta.get("stack_trace") or ""):
         return None  # a user's own no_grad region: its semantics (no dX) are kept
-    found = as_nf4_chain_weight(_arg(linear, 1, "weight"), outer)
+    found = as_nf4_chain_weight(arg(linear, 1, "weight"), outer)
     x = outer.get(linear.args[0])
     if found is None or x is None:
         return None
@@ -243,9 +248,7 @@ def _random_like(value) -> torch.Tensor:
 
 
 def _chain_is_dequantization(chain: list, weight: fx.Node, access: dict, quant: dict, dtype) -> bool:
-    """Runs the chain (on CPU) and ``qlora.dequantize_4bit`` on the same random inner tensors."""
-    from ..qlora import dequantize_4bit
-
+    """Runs the chain (on CPU) and ``ops.quantized.dequantize_4bit`` on the same random inner tensors."""
     key = _chain_signature(chain, access, quant, dtype)
     if key not in _verified:
         inner = {name: _random_like(meta_value(node)) for name, node in access.items()}

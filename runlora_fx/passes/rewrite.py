@@ -31,84 +31,62 @@ import torch
 import torch.fx as fx
 
 from .._compat import detect_fake_mode, size_hint
-from ..autotune import Autotuner
-from ..cost import parse_plan, resolve_plan
-from ..plans import BACKWARD_PLANS, FORWARD_PLANS
-from ..report import RewriteReport, SiteReport, cost_entry
-from ..select import check_criterion, choose, time_request
+from ..choose import SiteFacts, choose_for, time_request
+from ..choose.measure import tuner_for
+from ..inspection.report import RewriteReport, SiteReport, cost_entry
+from ..options import RewriteOptions
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan, resolve_plan
+from .lower import lora_linear_nf4
 from .match import LoraSite, Rejection, find_sites
-from .normalize import WeightRef, is_metadata_assert, meta_value
+from .nodes import WeightRef, is_metadata_assert, meta_value
 from .quantized import restores_dx
 
-__all__ = ["rewrite", "rewrite_sites", "plan_site", "default_allow_merged", "default_rewrite_4bit"]
+__all__ = ["rewrite", "rewrite_sites", "plan_site", "site_facts"]
 
 log = logging.getLogger("runlora_fx.passes")
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-
-def default_allow_merged(dtype: torch.dtype) -> bool:
-    """Merged plans (W + sBA) are the default only where W's dtype keeps small deltas.
-
-    In bf16/fp16 an update sBA under half an ulp of W's element rounds away entirely; see
-    the README's numerics section. Pass ``allow_merged=True`` to use them anyway.
-    """
-    return dtype not in _LOW_PRECISION
-
-
-def default_rewrite_4bit(device) -> bool:
-    """4-bit bases are rewritten by default except on CUDA, where bitsandbytes' own path under
-    inductor measured faster (H200 TinyLlama step: runlora 76.7 ms vs peft + inductor 63.5 ms,
-    BENCHMARKS.md). On the CPU the two are at parity and the rewrite saves x @ A activations.
-    ``rewrite_4bit=True`` forces it."""
-    return torch.device(device).type != "cuda"
-
-
-def _skips_4bit(site: LoraSite, rewrite_4bit: Optional[bool], rejected: list) -> bool:
+def _skips_4bit(site: LoraSite, options: RewriteOptions, rejected: list) -> bool:
     """A 4-bit site left to its library (the report says why); never one whose exported
     graph dropped dX, which only the rewrite gives back."""
     if site.base.quant is None or restores_dx(site.base):
         return False
     device = getattr(meta_value(site.x), "device", "cpu")
-    if (default_rewrite_4bit(device) if rewrite_4bit is None else rewrite_4bit):
+    if options.rewrites_4bit(device):
         return False
-    why = "rewrite_4bit=False" if rewrite_4bit is False else (
+    why = "rewrite_4bit=False" if options.rewrite_4bit is False else (
         f"4-bit base on {torch.device(device).type}: left to the library's kernels, measured faster there "
         "(pass rewrite_4bit=True to rewrite)")
     rejected.append(Rejection(site.path, site.add.name, why))
     return True
 
 
-def plan_site(site: LoraSite, *, allow_merged: Optional[bool] = None, forward_plan: Optional[str] = None,
-              backward_plan: Optional[str] = None, criterion: str = "flops", device_model=None, tuner=None):
-    """Chooses (PlanChoice) for a site by ``criterion``, honouring a fixed forward/backward plan if given.
-
-    ``device_model`` and ``tuner`` are for "roofline" and "time" (see ``select.choose``).
-    """
-    if forward_plan is not None and backward_plan is not None:
-        criterion = "flops"  # both forced: nothing to estimate or measure
-    choice = choose(site.n, site.i, site.o, site.r, criterion=criterion, device_model=device_model, tuner=tuner,
-                    **_site_choice_args(site, allow_merged))
-    if forward_plan is not None or backward_plan is not None:
+def plan_site(site: LoraSite, options: RewriteOptions = RewriteOptions()):
+    """Chooses (PlanChoice) for a site by ``options.criterion``, honouring forced plans."""
+    if options.fully_forced:
+        options = dataclasses.replace(options, criterion="flops")  # nothing to estimate or measure
+    choice = choose_for(site_facts(site, options), options)
+    if options.forward_plan is not None or options.backward_plan is not None:
         choice = dataclasses.replace(
             choice,
-            forward=parse_plan(forward_plan) if forward_plan else choice.forward,
-            backward=parse_plan(backward_plan) if backward_plan else choice.backward,
+            forward=parse_plan(options.forward_plan) if options.forward_plan else choice.forward,
+            backward=parse_plan(options.backward_plan) if options.backward_plan else choice.backward,
             criterion="fixed",
         )
     return choice
 
 
-def _site_choice_args(site: LoraSite, allow_merged: Optional[bool]) -> dict:
-    """What ``select.choose`` needs to know about a site besides its sizes and criterion."""
+def site_facts(site: LoraSite, options: RewriteOptions, **overrides) -> SiteFacts:
+    """What the criteria need to know about a matched site (``choose.SiteFacts``)."""
     val = meta_value(site.x)
-    return dict(
+    facts = dict(
         needs=site.needs, separate_lora_input=site.separate_lora_input, mixed_dtype=site.mixed_dtype,
-        allow_merged=default_allow_merged(site.dtype) if allow_merged is None else allow_merged,
-        n_hint=site_n_hint(site), dtype=site.dtype, adapter_dtype=site.adapter_dtype, bias=_has_bias(site),
-        device=getattr(val, "device", "cpu"),
+        allow_merged=options.merged_allowed(site.dtype), n_hint=site_n_hint(site), dtype=site.dtype,
+        adapter_dtype=site.adapter_dtype, bias=_has_bias(site), device=getattr(val, "device", "cpu"),
         dequant_flops=site.o * site.i if site.base.quant is not None else 0,
     )
+    facts.update(overrides)
+    return SiteFacts(site.n, site.i, site.o, site.r, **facts)
 
 
 def _has_bias(site: LoraSite) -> bool:
@@ -257,7 +235,6 @@ def _quantized_call(quant: Optional[dict], args: tuple) -> tuple:
         return torch.ops.runlora.lora_linear.default, args
     x, _, bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd = args
     if quant["quant_type"] == "torchao_nf4_tensor":
-        from ..qlora import lora_linear_nf4
         return lora_linear_nf4, (x, quant["weight"], bias, lora_a, lora_b, scaling, x_lora, adapter_dtype, fwd, bwd)
     return torch.ops.runlora.lora_linear_4bit.default, (
         x, list(quant["qtensors"]), quant["quant_type"], list(quant["quant_args"]), list(quant["shape"]), bias,
@@ -299,15 +276,6 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return backup
 
 
-def check_forced_plans(forward_plan: Optional[str], backward_plan: Optional[str]) -> list:
-    """[(spec, kind)] of the forced plans; ValueError naming the known plans if one is unknown."""
-    forced = [(spec, kind) for spec, kind in ((forward_plan, "forward"), (backward_plan, "backward")) if spec]
-    for spec, kind in forced:
-        for name in parse_plan(spec).names:
-            resolve_plan(name, 0, kind)
-    return forced
-
-
 def _rejects_forced_plan(site: LoraSite, forced: list, rejected: list) -> bool:
     """A forced merged plan (W + sBA) is illegal where x_lora is separate or dtypes mix:
     the site is left alone and reported, as for any other legality rule."""
@@ -323,16 +291,15 @@ def _rejects_forced_plan(site: LoraSite, forced: list, rejected: list) -> bool:
     return False
 
 
-def _measure_sites(sites: list, tuner, allow_merged: Optional[bool]) -> None:
+def _measure_sites(sites: list, options: RewriteOptions) -> None:
     """Times every distinct key of the graph up front, so one progress line covers them all."""
     requests = []
     for site in sites:
-        args = _site_choice_args(site, allow_merged)
-        args.pop("dequant_flops")  # the same for every pair: pairs are timed on the dense layer
-        request = time_request(site.n, site.i, site.o, site.r, include_dominated=False, **args)
+        # dequantization is the same for every pair: pairs are timed on the dense layer
+        request = time_request(site_facts(site, options, dequant_flops=0))
         if not isinstance(request, str):
             requests.append(request)
-    tuner.measure_all(requests)
+    options.tuner.measure_all(requests)
 
 
 def _warn_restored_dx(sites: list) -> None:
@@ -345,49 +312,33 @@ def _warn_restored_dx(sites: list) -> None:
             "autograd does", stacklevel=3)
 
 
-def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optional[bool] = None,
-            forward_plan: Optional[str] = None, backward_plan: Optional[str] = None,
-            graph_name: str = "graph", dry_run: bool = False, device_model=None,
-            time_budget_s: Optional[float] = None, tuner=None, rewrite_4bit: Optional[bool] = None) -> RewriteReport:
+def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, graph_name: str = "graph",
+            dry_run: bool = False, **option_fields) -> RewriteReport:
     """Rewrites every legal LoRA site of ``gm`` in place and reports what it did.
 
     Args:
         gm: a GraphModule with shape metadata (Dynamo, torch.export, or ShapeProp).
-        criterion: how plans are chosen: "flops" (sympy FLOPs, the default), "roofline"
-            (FLOPs, bytes moved and launches on a device model) or "time" (each candidate pair
-            measured on the device, cached on disk; see ``runlora_fx.tune``).
-        allow_merged: allow plans that form W + sBA; default: yes in fp32/fp64, no in bf16/fp16.
-        forward_plan, backward_plan: force a plan (string as the op takes) for every site.
+        options: a ``RewriteOptions``; ``option_fields`` (criterion=, allow_merged=,
+            forward_plan=, backward_plan=, device_model=, time_budget_s=, tuner=,
+            rewrite_4bit=) replace its fields. See ``RewriteOptions`` for each.
         graph_name: label for the report.
         dry_run: match and choose only; leave the graph unchanged.
-        device_model: for "roofline" (and "time"'s fallback): a ``roofline.DeviceModel`` or a
-            table name ("H200"); default: looked up from the inputs' device.
-        time_budget_s: for "time": stop measuring after this many seconds; sites not measured
-            or cached by then are chosen by the roofline (their report says so).
-        tuner: for "time": an ``autotune.Autotuner`` (cache directory, timer, budget), shared
-            across calls to share its budget; default: a new one with ``time_budget_s``.
-        rewrite_4bit: rewrite sites on 4-bit bases; default: yes except on CUDA
-            (``default_rewrite_4bit``). Sites whose exported graph dropped dX are always rewritten.
 
     Returns:
         RewriteReport. On an internal error: a warning, the graph unchanged, an empty report.
     """
-    check_criterion(criterion)
-    if criterion == "time" and tuner is None:
-        tuner = Autotuner(time_budget_s=time_budget_s)
-    forced = check_forced_plans(forward_plan, backward_plan)
+    options = tuner_for(RewriteOptions.build(options, **option_fields))
     started = time.perf_counter()
-    report = RewriteReport(graph=graph_name, criterion=criterion)
+    report = RewriteReport(graph=graph_name, criterion=options.criterion)
     backup = _copy_graph(gm)
     try:
         sites, report.rejected = find_sites(gm.graph)
+        forced = options.forced_plans
         sites = [s for s in sites if not _rejects_forced_plan(s, forced, report.rejected)
-                 and not _skips_4bit(s, rewrite_4bit, report.rejected)]
-        if criterion == "time" and not (forward_plan and backward_plan):
-            _measure_sites(sites, tuner, allow_merged)
-        choices = [plan_site(s, allow_merged=allow_merged, forward_plan=forward_plan, backward_plan=backward_plan,
-                             criterion=criterion, device_model=device_model, tuner=tuner)
-                   for s in sites]
+                 and not _skips_4bit(s, options, report.rejected)]
+        if options.criterion == "time" and not options.fully_forced:
+            _measure_sites(sites, options)
+        choices = [plan_site(s, options) for s in sites]
         report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
         if not dry_run and sites:
             rewrite_sites(gm, sites, choices)
@@ -397,7 +348,7 @@ def rewrite(gm: fx.GraphModule, *, criterion: str = "flops", allow_merged: Optio
         log.debug("runlora pass failure", exc_info=True)
         gm.graph = backup
         gm.recompile()
-        return RewriteReport(graph=graph_name, criterion=criterion)
+        return RewriteReport(graph=graph_name, criterion=options.criterion)
     report.pass_seconds = time.perf_counter() - started
     log.info("%s", report.summary())
     return report

@@ -1,4 +1,4 @@
-"""QLoRA: ``runlora.lora_linear_4bit``, the op for a 4-bit base weight.
+"""QLoRA ops: ``runlora.lora_linear_4bit`` (a packed 4-bit base) and ``runlora.dequantize_4bit``.
 
 Matches (peft on a bitsandbytes ``Linear4bit``, Dynamo or torch.export graph)::
 
@@ -6,7 +6,7 @@ Matches (peft on a bitsandbytes ``Linear4bit``, Dynamo or torch.export graph)::
                                                     bias=b, absmax_8bit=..., absmax_code=..., absmax_offset=...)
     y    = base + linear(linear(x, A), B) * s
 
-and (torchao's NF4Tensor as torch.export unwraps it, see ``passes/normalize.py``)::
+and (torchao's NF4Tensor as torch.export unwraps it, see ``passes/quantized.py``)::
 
     data = torch.ops.export.access_subclass_inner_tensor.default(nf4_weight, 'quantized_data')  # ... x5
     base = aten.linear(x, <dequantization of the five inner tensors>)
@@ -35,13 +35,11 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .cost import resolve_plan
-from .lowering import lowered_lora_linear
-from .ops import check_lora_args
-from .plans import Needs
+from ..plans import Needs, resolve_plan
+from .dense import check_lora_args
 
 __all__ = ["QUANT_FORMATS", "dequantize_4bit", "dequantize_4bit_op", "lora_linear_4bit", "lora_linear_4bit_backward",
-           "lora_linear_nf4", "nf4_parts"]
+           "nf4_parts"]
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' only supported block size for the absmax of absmax
 
@@ -106,7 +104,7 @@ _LIB.define("dequantize_4bit(Tensor?[] qtensors, str quant_type, int[] quant_arg
 
 
 def dequantize_4bit_op(qtensors, quant_type: str, quant_args, shape, dtype: torch.dtype, phase: str) -> Tensor:
-    """``dequantize_4bit`` as one opaque op, for the lowered path (``lowering.py``).
+    """``dequantize_4bit`` as one opaque op, for the lowered path (``passes/lower.py``).
 
     ``phase`` ("forward" or "backward") does nothing but keep a site's two calls distinct:
     AOTAutograd's CSE would otherwise merge them into one dequantized W kept for backward,
@@ -242,16 +240,3 @@ def _flops(x_shape, *args, **kwargs):
     forward_plan = args[10] if len(args) > 10 else kwargs.get("forward_plan", "forward1")
     n = math.prod(x_shape[:-1])
     return int(resolve_plan(forward_plan, n, "forward").flops(n, shape[1], shape[0], a_shape[0]))
-
-
-def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
-                    forward_plan="forward1", backward_plan="backward1"):
-    """The LoRA layer on a torchao ``NF4Tensor`` base (torchtune's QLoRA).
-
-    NF4Tensor is a tensor subclass that dequantizes on ``.to(dtype)``; a torch.library op
-    cannot take it, so this path is the lowered autograd.Function (``lowering.py``), which
-    torch.compile traces subclass and all. Same contract as ``lora_linear_4bit``: dequantize
-    in forward, again in backward only for dX; save the NF4 weight, never its dequantized copy.
-    """
-    return lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
-                               forward_plan, backward_plan)

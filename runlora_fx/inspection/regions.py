@@ -7,7 +7,7 @@
 ``forward/backward`` pair of each cell and the FLOPs it saves against forward1/backward1
 (the chain an unrewritten LoRA layer runs). ``plot_regions`` draws that grid as a
 categorical image, like Figure 2 of RunLoRA (arXiv 2312.03415), next to a heat map of the
-savings, with the thresholds of ``cost.py`` drawn over it:
+savings, with the thresholds of ``choose/flops.py`` drawn over it:
 
     n = i·o/(i+o)     forward2 beats forward1 (independent of r)
     n = o             backward5 beats backward1 (independent of r)
@@ -27,8 +27,8 @@ from typing import Sequence
 
 import sympy
 
-from .cost import applicable_plans, choose_plan
-from .plans import BACKWARD_PLANS
+from ..choose.flops import applicable_plans, choose_plan
+from ..plans import BACKWARD_PLANS
 
 __all__ = [
     "DEFAULT_RANKS",

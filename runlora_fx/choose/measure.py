@@ -22,9 +22,9 @@ read what is there, add ours, replace, so two processes tuning at once keep both
 ``Autotuner(time_budget_s=...)`` stops measuring once that much wall time is spent (a key
 being measured is finished); later keys that miss the cache fall back to the roofline.
 
-``tune(model, *example_inputs)`` does all of it ahead of time: it captures the model's sites
-with a dry run (as ``explain`` does) and measures each key, so a later
-``make_backend(criterion="time")`` compile only reads the cache.
+``runlora_fx.tune(model, *example_inputs)`` (``tuning.py``) does all of it ahead of time: it
+captures the model's sites with a dry run (as ``explain`` does) and measures each key, so a
+later ``make_backend(criterion="time")`` compile only reads the cache.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .plans import Needs
+from .. import ops  # noqa: F401  registers torch.ops.runlora.lora_linear, which is timed
+from ..options import RewriteOptions
+from ..plans import Needs
 
 try:  # POSIX; elsewhere writes are read-merge-replace without a lock
     import fcntl
@@ -64,10 +66,10 @@ __all__ = [
     "measure_pair",
     "measure_pairs",
     "pair_name",
-    "tune",
+    "tuner_for",
 ]
 
-log = logging.getLogger("runlora_fx.autotune")
+log = logging.getLogger("runlora_fx.choose.measure")
 
 SCHEMA = 1
 CACHE_FILE = "timings.json"
@@ -503,36 +505,8 @@ def forget_memory(cache_dir: Optional[str] = None) -> None:
             _MEMORY.pop(os.path.abspath(cache_path(cache_dir)), None)
 
 
-def tune(model: torch.nn.Module, *example_args, allow_merged: Optional[bool] = None, dynamic: Optional[bool] = None,
-         time_budget_s: Optional[float] = None, tuner: Optional[Autotuner] = None, **example_kwargs) -> dict:
-    """Measures every LoRA site of ``model`` ahead of time; a later ``criterion="time"`` compile hits the cache.
-
-    Captures the model's graphs with Dynamo and a dry run of the pass (as ``explain`` does:
-    the model runs once on the example inputs, nothing is compiled or changed), and times each
-    distinct key's applicable plan pairs on the inputs' device.
-
-    Args:
-        model: the model, as you will compile it.
-        *example_args, **example_kwargs: inputs of the shapes you will train with.
-        allow_merged: as for the pass; the same setting as the later compile.
-        dynamic: passed to ``torch.compile`` for the capture.
-        time_budget_s: stop measuring after this many seconds.
-        tuner: an ``Autotuner`` to use (its cache directory, timer, budget).
-
-    Returns:
-        key string -> {"times_s": {pair: seconds}, "best": pair, "source": "cache"|"measured"},
-        or {"times_s": None, "skipped": reason} for keys left to the roofline.
-    """
-    from .passes.rewrite import rewrite  # the pass imports this module
-
-    tuner = tuner or Autotuner(time_budget_s=time_budget_s)
-    count = [0]
-
-    def capture(gm, example_inputs):
-        rewrite(gm, criterion="time", allow_merged=allow_merged, tuner=tuner, graph_name=f"tune_{count[0]}",
-                dry_run=True)
-        count[0] += 1
-        return gm.forward
-
-    torch.compile(model, backend=capture, dynamic=dynamic)(*example_args, **example_kwargs)
-    return dict(tuner.results)
+def tuner_for(options: RewriteOptions) -> RewriteOptions:
+    """``options`` with an ``Autotuner`` (of its ``time_budget_s``) where ``criterion="time"`` has none."""
+    if options.criterion != "time" or options.tuner is not None:
+        return options
+    return dataclasses.replace(options, tuner=Autotuner(time_budget_s=options.time_budget_s))

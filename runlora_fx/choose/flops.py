@@ -1,10 +1,10 @@
-"""The sympy cost model and the selector.
+"""Choosing by FLOPs: the sympy cost model (``criterion="flops"``, the default).
 
-``choose_plan`` prices every applicable plan of the catalogue (``plans.py``) with its sympy
+``choose_plan`` prices every applicable plan of the catalogue (``plans/catalogue.py``) with its sympy
 FLOPs expression and returns the cheapest forward and backward. Sizes may be ints or sympy
 expressions. When the token count n is symbolic (dynamic shapes) and i, o, r are known, each
 plan's cost is linear in n, so the cheapest plan is a piecewise function of n with
-breakpoints solved by sympy; it is returned as a ``PiecewisePlan`` whose string form,
+breakpoints solved by sympy; it is returned as a ``plans.PiecewisePlan`` whose string form,
 e.g. ``"forward1|741:forward2"`` (forward2 for n >= 741), is what the op receives and
 evaluates on the concrete n at run time — no guard, no recompile.
 
@@ -21,71 +21,11 @@ from typing import Optional, Sequence, Union
 
 import sympy
 
-from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, backward_plan, forward_plan
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, PiecewisePlan
 
-__all__ = ["PiecewisePlan", "PlanChoice", "choose_plan", "resolve_plan", "parse_plan", "applicable_plans"]
+__all__ = ["PlanChoice", "choose_plan", "applicable_plans"]
 
 Size = Union[int, sympy.Expr]
-
-
-@dataclasses.dataclass(frozen=True)
-class PiecewisePlan:
-    """A plan name per range of n: ``pieces[k] = (min_n, name)``, ascending, first min_n = 0.
-
-    ``str()`` gives the op's plan argument: ``"forward1"`` or ``"forward1|741:forward2"``.
-    """
-
-    pieces: tuple[tuple[int, str], ...]
-
-    def at(self, n_value: int) -> str:
-        """The plan name for a concrete token count."""
-        name = self.pieces[0][1]
-        for min_n, piece in self.pieces[1:]:
-            if n_value >= min_n:
-                name = piece
-        return name
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for _, name in self.pieces)
-
-    @property
-    def is_constant(self) -> bool:
-        return len(self.pieces) == 1
-
-    def as_sympy(self, n_expr: sympy.Expr) -> sympy.Piecewise:
-        """The choice as a sympy Piecewise over n (plan names as symbols), for reports."""
-        args = []
-        for k in range(len(self.pieces) - 1, 0, -1):
-            args.append((sympy.Symbol(self.pieces[k][1]), sympy.Ge(n_expr, self.pieces[k][0])))
-        args.append((sympy.Symbol(self.pieces[0][1]), True))
-        return sympy.Piecewise(*args)
-
-    def __str__(self) -> str:
-        head = self.pieces[0][1]
-        tail = "".join(f"|{min_n}:{name}" for min_n, name in self.pieces[1:])
-        return head + tail
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_plan(spec: str) -> PiecewisePlan:
-    """Parses an op plan argument (see ``PiecewisePlan``); raises ValueError if malformed."""
-    parts = spec.split("|")
-    pieces = [(0, parts[0])]
-    for part in parts[1:]:
-        min_n, sep, name = part.partition(":")
-        if not sep or not min_n.isdigit():
-            raise ValueError(f"malformed plan {spec!r}: expected 'name' or 'name|min_n:name...'")
-        pieces.append((int(min_n), name))
-    if any(b[0] <= a[0] for a, b in zip(pieces, pieces[1:])):
-        raise ValueError(f"malformed plan {spec!r}: thresholds must increase")
-    return PiecewisePlan(tuple(pieces))
-
-
-def resolve_plan(spec: str, n_value: int, kind: str):
-    """The ForwardPlan/BackwardPlan that ``spec`` names at token count ``n_value``."""
-    name = parse_plan(spec).at(n_value)
-    return forward_plan(name) if kind == "forward" else backward_plan(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +35,7 @@ class PlanChoice:
     Attributes:
         forward, backward: the chosen plans, piecewise in n when n is symbolic.
         forward_costs, backward_costs: each applicable plan's FLOPs (sympy, at the given sizes).
-        criterion: what chose: "flops", "roofline", "time" or "fixed" (see ``select.choose``).
+        criterion: what chose: "flops", "roofline", "time" or "fixed" (see ``choose.choose``).
         estimated: the roofline's seconds per plan, {"forward": {plan: s}, "backward": {...},
             "device": name, "n": tokens}, when the roofline chose.
         measured: {"forward/backward": median seconds} when measured times chose.

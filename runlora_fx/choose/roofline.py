@@ -1,10 +1,10 @@
 """A roofline cost model: FLOPs, bytes moved and kernel launches of every plan.
 
-FLOPs alone (``cost.py``) miss what decides the LoRA branch at small rank on a GPU: its
+FLOPs alone (``choose/flops.py``) miss what decides the LoRA branch at small rank on a GPU: its
 matmuls are thin (one side r = 8..64), so they are bound by the bytes they move, and each
 is one more kernel launch (BENCHMARKS.md: ~148 µs of LoRA overhead per site per step on an
 H200 against ~6 µs of FLOPs). This model prices each plan as the kernels its ATen chain in
-``plans.py`` actually issues, one record per kernel::
+``plans/catalogue.py`` actually issues, one record per kernel::
 
     time(plan) = Σ_kernels [ max(FLOPs_k ÷ peak(dtype_k), bytes_k ÷ bandwidth) + launch_s ]
 
@@ -18,7 +18,7 @@ predicting milliseconds (``criterion="time"`` measures those).
 Bytes are sympy expressions in n, i, o, r and the element sizes ``e_x`` (x, W, bias and the
 base GEMMs), ``e_a`` (the adapter dtype: A, B, X_l, X·Aᵀ, Z, T) and ``e_y`` (the op's output
 and dY: the promotion of the two), plus ``has_bias`` (0 or 1). Each kernel's FLOPs are the
-matmul terms of ``plans.py`` (elementwise kernels count 0), so a plan's kernel FLOPs sum to
+matmul terms of ``plans/catalogue.py`` (elementwise kernels count 0), so a plan's kernel FLOPs sum to
 its FLOPs expression there (checked in tests).
 
 Device constants (``DEVICE_MODELS``) come from datasheets; pick by device name or pass your
@@ -37,9 +37,9 @@ from typing import Optional, Sequence, Union
 import sympy
 import torch
 
-from .autotune import seconds_once
-from .cost import PiecewisePlan, applicable_plans
-from .plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, i, n, o, r
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, PiecewisePlan, i, n, o, r
+from .flops import applicable_plans
+from .measure import seconds_once
 
 __all__ = [
     "DEVICE_MODELS",
@@ -247,7 +247,7 @@ def _k(name, flops, bytes_, dtype="adapter"):
     return name, Kernel(name, sympy.sympify(flops), sympy.sympify(bytes_), dtype)
 
 
-# Every kernel a plan can issue, as ``plans.py`` runs it. Reads + writes per kernel.
+# Every kernel a plan can issue, as ``plans/catalogue.py`` runs it. Reads + writes per kernel.
 KERNELS: dict[str, Kernel] = dict([
     # forward
     _k("Y0 = X·Wᵀ + b", 2 * n * i * o, (n * i + o * i + has_bias * o + n * o) * e_x, "base"),

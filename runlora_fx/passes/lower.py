@@ -7,11 +7,11 @@ Matches (the rewritten torch-level graph)::
 
 Rewrite to::
 
-    y = runlora_fx.lowering.lowered_lora_linear(x, W, b, A, B, s, None, None, 'forward2', 'backward5')
-    y = runlora_fx.lowering.lowered_lora_linear_4bit(x, [packed, ...], 'bnb_nf4', [64], [o, i], b, A, B, s, ...)
+    y = runlora_fx.passes.lower.lowered_lora_linear(x, W, b, A, B, s, None, None, 'forward2', 'backward5')
+    y = runlora_fx.passes.lower.lowered_lora_linear_4bit(x, [packed, ...], 'bnb_nf4', [64], [o, i], b, A, B, s, ...)
 
 Both are one autograd.Function whose forward and backward are the plan's mm/addmm calls
-(``plans.py``), so AOTAutograd traces them into the joint graph and inductor fuses the
+(``plans/catalogue.py``), so AOTAutograd traces them into the joint graph and inductor fuses the
 scaling, casts and adds around them with no op boundary or per-call dispatch. A 4-bit
 weight is dequantized inside it by ``runlora.dequantize_4bit`` (opaque, so AOTAutograd
 cannot merge the forward and backward calls into one saved copy), in forward and in
@@ -29,11 +29,12 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ._compat import size_hint
-from .cost import resolve_plan
-from .plans import Needs
+from .._compat import size_hint
+from .. import ops  # noqa: F401  registers torch.ops.runlora.*
+from ..ops.quantized import nf4_parts
+from ..plans import Needs, resolve_plan
 
-__all__ = ["lowered_lora_linear", "lowered_lora_linear_4bit", "lower_runlora_ops"]
+__all__ = ["lowered_lora_linear", "lowered_lora_linear_4bit", "lora_linear_nf4", "lower_runlora_ops"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,6 @@ class _WeightTensor:
         return tuple(weight.shape)
 
     def materialize(self, parts, dtype, phase):
-        from .qlora import nf4_parts
-
         weight = parts[0]
         nf4 = nf4_parts(weight) if type(weight) is not torch.Tensor else None
         if nf4 is None:
@@ -57,7 +56,7 @@ class _WeightTensor:
 
 @dataclasses.dataclass(frozen=True)
 class _Packed4bit:
-    """A packed 4-bit weight as ``runlora.lora_linear_4bit`` takes it (``qlora.QUANT_FORMATS``)."""
+    """A packed 4-bit weight as ``runlora.lora_linear_4bit`` takes it (``ops/quantized.py``: ``QUANT_FORMATS``)."""
 
     quant_type: str
     quant_args: tuple
@@ -121,10 +120,21 @@ def lowered_lora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, l
                               weight, *qtensors)
 
 
+def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
+                    forward_plan="forward1", backward_plan="backward1"):
+    """The LoRA layer on a torchao ``NF4Tensor`` base (torchtune's QLoRA).
+
+    NF4Tensor is a tensor subclass that dequantizes on ``.to(dtype)``; a torch.library op
+    cannot take it, so this path is the lowered autograd.Function (above), which
+    torch.compile traces subclass and all. Same contract as ``lora_linear_4bit``: dequantize
+    in forward, again in backward only for dX; save the NF4 weight, never its dequantized copy.
+    """
+    return lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
+                               forward_plan, backward_plan)
+
+
 def lower_runlora_ops(gm: fx.GraphModule) -> int:
     """Replaces every runlora op node of ``gm`` by its lowered form; returns the count."""
-    from . import qlora  # noqa: F401  registers runlora.lora_linear_4bit (qlora imports this module)
-
     lowered = {torch.ops.runlora.lora_linear.default: lowered_lora_linear,
                torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit}
     count = 0

@@ -7,7 +7,7 @@ A LoRA layer in nn.Linear layout (W: o×i frozen, A: r×i, B: o×r, s a float) c
 Plans keep the names of RunLoRA (Cherniuk, Mikhalev, Oseledets, arXiv 2312.03415). Each is a
 small record: a name, its formulas, its FLOPs as a sympy expression in n, i, o, r (and the
 requires-grad flags), and an implementation in plain ATen calls. Plans are data: the
-selector (``cost.py``), the op (``ops.py``) and the inductor lowering (``lowering.py``) only
+selector (``choose/``), the ops (``ops/``) and the inductor lowering (``passes/lower.py``) only
 walk this catalogue.
 
 Backward plans are built from three independent choices, each a formula below (G = dY):

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .cost import parse_plan, resolve_plan
-from .plans import Needs
+from ..plans import Needs, parse_plan, resolve_plan
 
 __all__ = ["lora_linear", "lora_linear_backward", "check_lora_args"]
 

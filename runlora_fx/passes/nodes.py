@@ -1,0 +1,156 @@
+"""What an FX node is, whatever the IR: the vocabulary the dialect readers share.
+
+The target sets name each operation's spellings across the IRs (Dynamo's torch IR, the
+export training IR, the decomposed ATen IR, symbolic_trace). ``LinearView`` and
+``WeightRef`` are what every dialect reader returns (``dialects.py``, ``quantized.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = [
+    "ADD_FNS",
+    "ADDMM_FNS",
+    "CAST_FNS",
+    "LINEAR_FNS",
+    "LinearView",
+    "MATMUL_FNS",
+    "MUL_FNS",
+    "VIEW_FNS",
+    "WeightRef",
+    "arg",
+    "aten",
+    "cast_dtype",
+    "is_call",
+    "is_metadata_assert",
+    "is_tensor_value",
+    "is_view",
+    "meta_value",
+    "strip_flatten",
+    "view_chain",
+]
+
+aten = torch.ops.aten
+
+LINEAR_FNS = {torch._C._nn.linear, F.linear, aten.linear.default}
+MATMUL_FNS = {operator.matmul, torch.matmul, aten.matmul.default}
+ADDMM_FNS = {torch.addmm, aten.addmm.default}
+ADD_FNS = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
+MUL_FNS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
+VIEW_FNS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape}
+_VIEW_METHODS = {"view", "reshape"}
+CAST_FNS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+_METHOD_DTYPES = {"float": torch.float32, "bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}
+
+
+def meta_value(node: Any):
+    """The FakeTensor (or value) a node carries: ``val`` (export/AOT), ``example_value``
+    (Dynamo) or a ``tensor_meta`` (ShapeProp after symbolic_trace)."""
+    if not isinstance(node, fx.Node):
+        return node
+    for key in ("val", "example_value"):
+        if key in node.meta:
+            return node.meta[key]
+    return node.meta.get("tensor_meta")
+
+
+def is_tensor_value(value: Any) -> bool:
+    """A FakeTensor / Tensor, or ShapeProp's TensorMetadata."""
+    return isinstance(value, torch.Tensor) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def is_metadata_assert(node: Any) -> bool:
+    """torch.export's ``_assert_tensor_metadata(t, dtype=...)``: a check, not a use of t's value."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and (
+        node.target is aten._assert_tensor_metadata.default)
+
+
+def is_call(node: Any, fns=(), methods=()) -> bool:
+    """A call_function of one of ``fns`` or a call_method named in ``methods``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in fns
+    return node.op == "call_method" and node.target in methods
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """A call's argument by position, else by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_view(node: Any) -> bool:
+    """aten.view / reshape / _unsafe_view, or the ``view``/``reshape`` methods."""
+    return is_call(node, VIEW_FNS, _VIEW_METHODS)
+
+
+def view_chain(node: Any) -> tuple[Any, tuple]:
+    """Follows views back: (source, the view nodes passed)."""
+    chain = []
+    while is_view(node):
+        chain.append(node)
+        node = node.args[0]
+    return node, tuple(chain)
+
+
+def strip_flatten(node: Any) -> Any:
+    """Follows views back to the tensor they flatten or restore."""
+    return view_chain(node)[0]
+
+
+def cast_dtype(node: Any) -> Optional[torch.dtype]:
+    """The dtype a cast node converts to, or None if the node is not a pure dtype cast."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target in _METHOD_DTYPES:
+        return _METHOD_DTYPES[node.target]
+    if is_call(node, CAST_FNS, ("to", "type")):
+        val = meta_value(node)
+        src = meta_value(node.args[0])
+        dtype = getattr(val, "dtype", None)
+        if dtype is None or getattr(src, "device", None) != getattr(val, "device", None):
+            return None
+        return dtype
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+    """Where a linear map's weight comes from, in nn.Linear layout (out×in).
+
+    ``node`` holds the weight as stored; ``transposed`` means the graph holds W.T (in×out,
+    as in ``x @ M`` or GPT-2's Conv1D), so the rewrite passes a transposed view (no copy).
+    """
+
+    node: fx.Node
+    transposed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearView:
+    """A node that computes ``x @ W.T (+ bias)``.
+
+    Attributes:
+        out: the node whose value is the result, with x's leading dims.
+        x: the input, before any flattening view.
+        weight: where W comes from.
+        bias: bias node or None.
+        nodes: every node of this linear map except x and the weight/bias sources.
+        quant: a 4-bit base: what runlora.lora_linear_4bit takes (``quantized.py``), else None.
+    """
+
+    out: fx.Node
+    x: Any
+    weight: WeightRef
+    bias: Optional[fx.Node]
+    nodes: tuple
+    quant: Optional[dict] = None
