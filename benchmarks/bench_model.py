@@ -24,8 +24,12 @@ but the output head. Modes:
 
 ``--dtype bfloat16`` puts the base in bf16 and keeps the adapters in bf16 (peft's
 ``autocast_adapter_dtype=False``); ``--fp32-adapters`` gives peft's default fp32 adapters.
-Columns: median step ms after warm-up; peak memory (``torch.cuda.max_memory_allocated`` over
-the timed steps; '-' on CPU); the first step's seconds (compilation + one step); speedups
+Every mode of a model is built, compiled and warmed up first, then the modes are timed
+round-robin (repeat k of every mode, then k+1), so load that comes and goes on a shared
+machine falls on all modes alike; all of a model's modes stay in memory together.
+Columns: median step ms after warm-up; peak memory (the mode's resident memory plus the most
+its timed steps allocated on top, as ``torch.cuda.max_memory_allocated`` would show with
+that mode alone; '-' on CPU); the first step's seconds (compilation + one step); speedups
 vs peft_eager and peft_inductor (their ms ÷ this ms); "x frozen" = this ms ÷ frozen ms; the
 LoRA sites the runlora pass rewrote and the plans it chose.
 """
@@ -229,11 +233,31 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
-    """Builds the model for one mode, times its training step, and returns the row."""
+@dataclasses.dataclass
+class Prepared:
+    """One mode built, compiled and warmed up, ready to be timed.
+
+    Attributes:
+        step: one training step (forward, backward, optimizer).
+        first_s: the first step's seconds (compilation + one step).
+        resident_gib: CUDA memory this mode holds between steps (model, optimizer state), GiB;
+            None on the CPU.
+        row: the row's fields known before timing.
+        keep: what must stay alive while the step is timed.
+    """
+
+    step: object
+    first_s: float
+    resident_gib: Optional[float]
+    row: dict
+    keep: tuple
+
+
+def prepare_mode(name: str, mode: str, args: argparse.Namespace) -> Prepared:
+    """Builds the model for one mode, compiles it and warms it up (nothing timed yet)."""
     spec, dtype = MODELS[name], common.DTYPES[args.dtype]
-    _free(args.device)
-    before = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # leftovers, if any
+    gc.collect()
+    before = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # other modes, leftovers
     model = build_base(spec, layers=args.layers, seq=args.seq, dtype=dtype, device=args.device)
     if args.qlora:
         model = quantize_base(model, args.qlora, dtype, args.device)
@@ -250,24 +274,63 @@ def run_mode(name: str, mode: str, args: argparse.Namespace) -> dict:
     leaves = trainable + ([batch["inputs_embeds"]] if "inputs_embeds" in batch else [])
     step = make_step(compiled, batch, optimizer, leaves)
     first_s = common.warm_up(step, device=args.device, warmup=args.warmup)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [common.time_once(step, device=args.device) for _ in range(args.repeats)]
-    timing = common.Timing(first_s, times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    resident = torch.cuda.memory_allocated() / 2**30 - before if args.device == "cuda" else None
     sites, plans = site_summary(backend)
     pass_s = sum(r.pass_seconds for r in backend.reports) if backend is not None else None
     row = {
         "model": name, "layers": args.layers or spec.layers, "mode": mode, "batch": args.batch, "seq": args.seq,
         "rank": args.rank, "dtype": args.dtype, "qlora": args.qlora, "adapters": "fp32" if args.fp32_adapters else args.dtype,
         "optimizer": optimizer is not None, "trainable_params": sum(p.numel() for p in trainable),
-        "ms": timing.median_ms, "min_ms": timing.min_ms, "times_ms": timing.times_ms, "first_s": first_s,
-        "peak_gib": peak, "allocated_before_gib": before, "sites": sites, "plans": plans,
+        "first_s": first_s, "allocated_before_gib": before, "resident_gib": resident, "sites": sites, "plans": plans,
         "pass_s": pass_s, "pass_share": None if pass_s is None else pass_s / first_s,
     }
-    del compiled, model, optimizer, step, batch, trainable, leaves
+    return Prepared(step, first_s, resident, row, (compiled, model, optimizer, batch, backend))
+
+
+def time_round_robin(prepared: dict, args: argparse.Namespace) -> dict:
+    """Times every prepared mode in turn, ``args.repeats`` rounds: repeat k of each mode, then
+    k+1, so load that comes and goes on a shared machine falls on every mode alike.
+
+    Returns:
+        mode -> (step milliseconds, peak GiB or None). On CUDA the peak is the mode's resident
+        memory plus the most any of its steps allocated on top of what was held before it,
+        i.e. what ``max_memory_allocated`` would show with this mode alone on the device.
+    """
+    times = {mode: [] for mode in prepared}
+    extra = {mode: 0.0 for mode in prepared}
+    for _ in range(args.repeats):
+        for mode, p in prepared.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                held = torch.cuda.memory_allocated()
+            times[mode].append(common.time_once(p.step, device=args.device))
+            if args.device == "cuda":
+                extra[mode] = max(extra[mode], (torch.cuda.max_memory_allocated() - held) / 2**30)
+    peaks = {mode: None if p.resident_gib is None else p.resident_gib + extra[mode] for mode, p in prepared.items()}
+    return {mode: (times[mode], peaks[mode]) for mode in prepared}
+
+
+def run_model(name: str, args: argparse.Namespace) -> list:
+    """Every mode of one model: compiled and warmed up one after another, then timed round-robin."""
     _free(args.device)
-    return row
+    prepared = {}
+    # Every mode's model stays compiled at once: give Dynamo room for one cache entry per mode.
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 4 * len(args.modes))):
+        for mode in args.modes:
+            prepared[mode] = prepare_mode(name, mode, args)
+            print(f"# {name} {mode}: compiled, first step {prepared[mode].first_s:.1f} s", file=sys.stderr, flush=True)
+        measured = time_round_robin(prepared, args)
+    rows = []
+    for mode, p in prepared.items():
+        times, peak = measured[mode]
+        timing = common.Timing(p.first_s, times)
+        rows.append({**p.row, "ms": timing.median_ms, "min_ms": timing.min_ms, "times_ms": timing.times_ms,
+                     "peak_gib": peak})
+        print(f"# {name} {mode}: {timing.median_ms:.1f} ms", file=sys.stderr, flush=True)
+    del prepared, p
+    _free(args.device)
+    return rows
 
 
 def add_ratios(rows: Sequence[dict]) -> None:
@@ -334,14 +397,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     command = ["benchmarks/bench_model.py"] + list(sys.argv[1:] if argv is None else argv)
     rows: list = []
     for name in args.models:
-        for mode in args.modes:
-            rows.append(run_mode(name, mode, args))
-            print(f"# {name} {mode}: {rows[-1]['ms']:.1f} ms, first step {rows[-1]['first_s']:.1f} s",
-                  file=sys.stderr, flush=True)
-            add_ratios(rows)  # written after every mode: a run cut short keeps what it measured
-            table = common.markdown_table(rows, COLUMNS)
-            common.write_outputs(rows=rows, env=env, argv=command, table=table, json_path=args.json,
-                                 md_path=args.md, title=title)
+        rows += run_model(name, args)
+        add_ratios(rows)  # written after every model: a run cut short keeps what it measured
+        table = common.markdown_table(rows, COLUMNS)
+        common.write_outputs(rows=rows, env=env, argv=command, table=table, json_path=args.json,
+                             md_path=args.md, title=title)
     print(table)
     return rows
 

@@ -4,6 +4,7 @@
     runlora_fx.rewrite_exported_program(ep)             # torch.export programs
     runlora_fx.explain(model, *example_inputs)          # what would be rewritten, and why
     runlora_fx.tune(model, *example_inputs)             # time plans ahead for criterion="time"
+    with runlora_fx.install(): torch.compile(model)     # the pass inside plain inductor compiles
 
 The package reads as the pipeline a graph travels (README, "Layout"): front doors here
 (``backend``, ``export``, ``explain``, ``tuning``, ``cli``) -> ``passes/`` (dialects, match,
@@ -23,6 +24,7 @@ from .choose.roofline import DeviceModel  # noqa: E402
 from .explain import explain  # noqa: E402
 from .export import load, rewrite_exported_program  # noqa: E402
 from .inspection.report import RewriteReport  # noqa: E402
+from .install import install, uninstall  # noqa: E402
 from .ops import quantized as qlora  # noqa: E402  the 4-bit ops, under their former name
 from .options import RewriteOptions  # noqa: E402
 from .passes.rewrite import rewrite  # noqa: E402
@@ -40,6 +42,7 @@ __all__ = [
     "RewriteReport",
     "choose_plan",
     "explain",
+    "install",
     "load",
     "make_backend",
     "ops",
@@ -48,5 +51,6 @@ __all__ = [
     "rewrite_exported_program",
     "runlora_backend",
     "tune",
+    "uninstall",
 ]
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402

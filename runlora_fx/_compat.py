@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_MIN", "TORCH_MAX_EXCLUSIVE", "check_torch_version", "detect_fake_mode", "size_hint", "torch_version"]
+__all__ = ["TORCH_MIN", "TORCH_MAX_EXCLUSIVE", "check_torch_version", "custom_graph_pass_base", "detect_fake_mode",
+           "inductor_config_patches", "install_ddp_presplit_hook", "on_compile_start", "size_hint", "torch_version"]
 
 # Tested on 2.11 (GPU machine) and 2.13 (CPU CI). torch.library.custom_op with
 # register_autograd / register_fake and ExportedProgram.run_decompositions() as used here
@@ -44,3 +45,73 @@ def size_hint(size) -> int:
         node = size.node
         return int(node.shape_env.size_hint(node.expr)) if node.hint is None else int(node.hint)
     return int(size)
+
+
+def inductor_config_patches(mode=None, options=None) -> dict:
+    """The inductor config patches ``torch.compile(mode=..., options=...)`` makes for "inductor".
+
+    Built by torch's own ``_TorchCompileInductorWrapper``, so a mode or option inductor rejects
+    raises inductor's own RuntimeError.
+    """
+    if not mode and not options:
+        return {}
+    return dict(torch._TorchCompileInductorWrapper(mode, dict(options or {}), None).config)
+
+
+def custom_graph_pass_base():
+    """Inductor's ``CustomGraphPass`` base class (``torch._inductor.custom_graph_pass``)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def autocast_markers() -> tuple:
+    """(enter, exit): the functions Dynamo records for a ``with torch.autocast(...)`` inside a
+    compiled region, ``_enter_autocast(device_type, dtype, enabled, cache_enabled)`` and
+    ``_exit_autocast(ctx)`` (private to ``torch.amp.autocast_mode``); (None, None) if absent."""
+    mode = torch.amp.autocast_mode
+    return getattr(mode, "_enter_autocast", None), getattr(mode, "_exit_autocast", None)
+
+
+def on_compile_start(callback) -> bool:
+    """Runs ``callback()`` when Dynamo starts compiling a frame, before it traces
+    (``torch._dynamo.callback_handler``, private); False where that hook is absent."""
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is None or not hasattr(handler, "register_start_callback"):
+        return False
+    handler.register_start_callback(lambda *_: callback())
+    return True
+
+
+def install_ddp_presplit_hook() -> bool:
+    """Lets a runlora backend rewrite a Dynamo graph whole before DDPOptimizer splits it.
+
+    DDPOptimizer (``torch._dynamo.backends.distributed``, private) splits each graph of a
+    DDP-wrapped model at its gradient-bucket edges and calls the backend on every piece; a
+    split between a site's lora_A and lora_B leaves neither piece a whole site. This wraps
+    ``DDPOptimizer.compile_fn``: when its backend (or the ``compiler_fn`` of the
+    ``torch.compile(mode=/options=)`` wrapper around it) has ``runlora_presplit``, that
+    context manager rewrites the whole graph first (each site becomes one op node, which a
+    split cannot cut) and the backend then only lowers and compiles the pieces. Any other
+    backend runs DDPOptimizer unchanged. Idempotent; False where DDPOptimizer is absent.
+    """
+    try:
+        from torch._dynamo.backends.distributed import DDPOptimizer
+    except ImportError:
+        return False
+    original = DDPOptimizer.compile_fn
+    if getattr(original, "runlora_hook", False):
+        return True
+
+    def compile_fn(self, gm, example_inputs, **compiler_configs):
+        backend = self.backend_compile_fn
+        presplit = getattr(getattr(backend, "compiler_fn", backend), "runlora_presplit", None)
+        if presplit is None:
+            return original(self, gm, example_inputs, **compiler_configs)
+        with presplit(gm, example_inputs):
+            return original(self, gm, example_inputs, **compiler_configs)
+
+    compile_fn.runlora_hook = True
+    compile_fn.__wrapped__ = original
+    DDPOptimizer.compile_fn = compile_fn
+    return True

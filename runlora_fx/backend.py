@@ -4,20 +4,34 @@ The backend rewrites the Dynamo graph (``passes/rewrite.py``), then either lower
 ``runlora.lora_linear`` into its chosen ATen chain (``lowering="aten"``, so inductor fuses
 around it) or keeps it as one opaque op (``lowering="opaque"``), then hands the graph to the
 inner compiler: inductor (default), aot_eager or eager.
+
+``torch.compile(model, backend="runlora", mode=..., options=...)`` passes ``mode`` and
+``options`` here; they become inductor config patches exactly as for ``backend="inductor"``
+(``_compat.inductor_config_patches``, torch's own translation, so inductor's errors are
+inductor's). With inductor, the lowering runs as inductor's pre-grad pass
+(``install.LowerRunLoRAOps``, after the AOTAutogradCache lookup): the graph the caches key on
+holds ``runlora.lora_linear`` with its plan strings, so a warm start hits AOTAutogradCache and
+the FX graph cache, and a different plan is a different key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
 
+from ._compat import inductor_config_patches, install_ddp_presplit_hook
 from .choose.measure import tuner_for
-from .inspection.dump import dump_graph, readable
+from .inspection.dump import dump_graph, next_graph_name, readable
+from .install import LowerRunLoRAOps, with_pre_grad_pass
 from .options import INNER_COMPILERS, LOWERINGS, RewriteOptions, default_lowering
+from .passes.dora import make_peft_dora_traceable
 from .passes.lower import lower_runlora_ops
+from .passes.match import module_path
 from .passes.rewrite import rewrite
 
 __all__ = ["make_backend", "runlora_backend"]
@@ -26,7 +40,8 @@ log = logging.getLogger("runlora_fx")
 
 
 def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dump_dir: Optional[str] = None,
-                 on_report: Optional[Callable] = None, options: Optional[RewriteOptions] = None, **option_fields):
+                 on_report: Optional[Callable] = None, options: Optional[RewriteOptions] = None,
+                 mode: Optional[str] = None, inductor_options: Optional[dict] = None, **option_fields):
     """Builds a Dynamo backend that applies the runlora pass.
 
     Args:
@@ -40,46 +55,128 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
             (criterion=, allow_merged=, forward_plan=, backward_plan=, device_model=,
             time_budget_s=, tuner=, rewrite_4bit=). For "time", one tuner (and its time budget)
             serves every graph of this backend.
+        mode, inductor_options: inductor's ``mode`` ("max-autotune-no-cudagraphs", ...) and
+            config dict, as ``torch.compile(mode=, options=)`` takes them for "inductor";
+            checked here with inductor's own messages. ``torch.compile(backend=make_backend(...),
+            mode=..., options=...)`` also passes them per call; those apply after these.
 
     Returns:
         A callable ``backend(gm, example_inputs)``; its ``reports`` list collects the reports,
         ``options`` is the validated ``RewriteOptions`` and, for "time", ``tuner`` is the
-        Autotuner (``tuner.measurements``: pairs timed).
+        Autotuner (``tuner.measurements``: pairs timed). ``runlora_presplit`` is what
+        DDPOptimizer's hook calls to rewrite a DDP graph whole before splitting it
+        (``_compat.install_ddp_presplit_hook``); the report is the whole graph's.
     """
     if inner not in INNER_COMPILERS:
         raise ValueError(f"runlora: inner={inner!r}, expected one of {INNER_COMPILERS}")
     if lowering is not None and lowering not in LOWERINGS:
         raise ValueError(f"runlora: lowering={lowering!r}, expected one of {LOWERINGS} or None")
-    options = tuner_for(RewriteOptions.build(options, **option_fields))
+    rewrite_options = tuner_for(RewriteOptions.build(options, **option_fields))
+    make_peft_dora_traceable()  # before Dynamo traces: peft's DoRA would graph-break (passes/dora.py)
+    base_patches = inductor_config_patches(mode, inductor_options)
     reports = []
 
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        index = len(reports)
+    presplit = []  # set while DDPOptimizer compiles the pieces of a graph already rewritten whole
+
+    @contextlib.contextmanager
+    def runlora_presplit(gm: torch.fx.GraphModule, example_inputs):
+        """Rewrites the whole Dynamo graph before DDPOptimizer splits it at bucket edges
+        (``_compat.install_ddp_presplit_hook``): a rewritten site is one node, so no split cuts
+        it between A and B; the backend then only lowers and compiles each piece."""
+        _rewrite(gm, example_inputs)
+        presplit.append(gm)
+        try:
+            yield
+        finally:
+            presplit.pop()
+
+    def _rewrite(gm, example_inputs):
         dump = dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
+        name = next_graph_name(dump) if dump else f"graph_{len(reports)}"
         before = readable(gm) if dump else None
-        report = rewrite(gm, options, graph_name=f"graph_{index}")
+        report = rewrite(gm, rewrite_options, graph_name=name)
         reports.append(report)
         if on_report is not None:
             on_report(report)
         if dump:
-            dump_graph(dump, f"graph_{index}", before, gm, report, example_inputs)
-        mode = lowering or default_lowering(example_inputs)
+            dump_graph(dump, name, before, gm, report, example_inputs)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                options: Optional[dict] = None):
+        patches = {**base_patches, **inductor_config_patches(mode, options)}
+        if not presplit:
+            _rewrite(gm, example_inputs)
+            _warn_cut_sites(gm)
+        lowered = (lowering or default_lowering(example_inputs)) == "aten"
         if inner == "eager":
             return gm.forward
-        if mode == "aten":
-            lower_runlora_ops(gm)
         if inner == "aot_eager":
+            if lowered:
+                lower_runlora_ops(gm)
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)
+        from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
+        if lowered:  # as inductor's pre-grad pass, after the cache lookup: the caches key on the op
+            patches["pre_grad_custom_pass"] = with_pre_grad_pass(
+                patches.get("pre_grad_custom_pass", config.pre_grad_custom_pass), LowerRunLoRAOps())
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.reports = reports
-    backend.options = options
-    backend.tuner = options.tuner
+    backend.runlora_presplit = runlora_presplit
+    backend.options = rewrite_options
+    backend.tuner = rewrite_options.tuner
     return backend
 
 
-def runlora_backend(gm: torch.fx.GraphModule, example_inputs):
-    """The ``"runlora"`` Dynamo backend: the pass with default settings, then inductor."""
-    return make_backend()(gm, example_inputs)
+def runlora_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                    options: Optional[dict] = None):
+    """The ``"runlora"`` Dynamo backend: the pass with default settings, then inductor.
+
+    ``torch.compile(model, backend="runlora", mode=..., options=...)`` passes inductor's
+    ``mode`` and ``options`` dict here; they patch inductor's config as for "inductor".
+    """
+    if _PRESPLIT:  # a piece of a DDP graph rewritten whole (runlora_presplit)
+        return _PRESPLIT[-1](gm, example_inputs, mode=mode, options=options)
+    return make_backend(mode=mode, inductor_options=options)(gm, example_inputs)
+
+
+_PRESPLIT: list = []  # the backend DDPOptimizer's pieces of one graph share
+
+
+@contextlib.contextmanager
+def _default_presplit(gm: torch.fx.GraphModule, example_inputs):
+    backend = make_backend()
+    with backend.runlora_presplit(gm, example_inputs):
+        _PRESPLIT.append(backend)
+        try:
+            yield
+        finally:
+            _PRESPLIT.pop()
+
+
+runlora_backend.runlora_presplit = _default_presplit
+install_ddp_presplit_hook()
+
+_cut_warned: set = set()
+
+
+def _warn_cut_sites(gm: torch.fx.GraphModule) -> None:
+    """A piece DDPOptimizer split off without the whole-graph rewrite (a backend wrapped in a
+    callable that hides ``runlora_presplit``): warn once per site whose A and B it cut apart."""
+    if "DDPOptimizer" not in str(getattr(gm, "compile_subgraph_reason", "")):
+        return
+    cut = set()  # sites whose adapter linears are left over after the pass (peft lora_A, torchtune lora_a)
+    for node in gm.graph.nodes:
+        path = (module_path(node) + ".").lower() if node.op == "call_function" else ""
+        for adapter in (".lora_a.", ".lora_b."):
+            if adapter in path:
+                cut.add(module_path(node)[:path.index(adapter)])
+    new = sorted(cut - _cut_warned)
+    if new:
+        _cut_warned.update(new)
+        warnings.warn(
+            f"runlora: DDPOptimizer split {len(new)} LoRA site(s) between lora_A and lora_B before the pass saw "
+            f"them (first: {new[0]}); they are not rewritten. Pass the runlora backend to torch.compile directly "
+            "(its pre-split rewrite keeps each site whole), or set torch._dynamo.config.optimize_ddp = "
+            "'python_reducer', or raise DDP's bucket_cap_mb", stacklevel=2)

@@ -8,6 +8,7 @@ import torch
 
 from .inspection.report import RewriteReport
 from .options import RewriteOptions
+from .passes.dora import make_peft_dora_traceable
 from .passes.rewrite import rewrite
 
 __all__ = ["explain"]
@@ -30,6 +31,7 @@ def explain(model: torch.nn.Module, *example_args, allow_merged=None, dynamic=No
         merged.extend(rewrite(gm, options, graph_name=f"graph_{len(merged.sites)}", dry_run=True))
         return gm.forward
 
+    make_peft_dora_traceable()  # before Dynamo traces: peft's DoRA would graph-break (passes/dora.py)
     compiled = torch.compile(model, backend=capture, dynamic=dynamic)
     compiled(*example_args, **example_kwargs)
     return merged

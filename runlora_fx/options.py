@@ -46,7 +46,10 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
     """Merged plans (W + sBA) are the default only where W's dtype keeps small deltas.
 
     In bf16/fp16 an update sBA under half an ulp of W's element rounds away entirely; see
-    the README's numerics section. Pass ``allow_merged=True`` to use them anyway.
+    the README's numerics sections. On real text (``examples/bf16_text_study.py``: byte-level
+    Llama on Python source, 3 seeds) merged plans came within 0.86-1.02x bf16 eager's distance
+    from fp32: inside the noise of unmerged bf16 paths (0.95-1.17x), but not at most 1.00x on
+    every seed, the bar set for changing this default. Pass ``allow_merged=True`` to use them.
     """
     return dtype not in _LOW_PRECISION
 
@@ -87,6 +90,9 @@ class RewriteOptions:
             shared to share its budget; None: the front door makes one.
         rewrite_4bit: rewrite sites on 4-bit bases; None: ``default_rewrite_4bit(device)``.
             Sites whose exported graph dropped dX are always rewritten.
+        group_siblings: compute sites that read the same x (q/k/v, gate/up) as one
+            ``runlora.lora_linear_group`` (``passes/group.py``); None: where the cost model
+            (``choose/group.py``: bytes and launches saved, FLOPs equal) says it saves time.
     """
 
     criterion: str = "flops"
@@ -97,6 +103,7 @@ class RewriteOptions:
     time_budget_s: Optional[float] = None
     tuner: Any = None
     rewrite_4bit: Optional[bool] = None
+    group_siblings: Optional[bool] = None
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -140,4 +147,5 @@ class RewriteOptions:
         model = self.device_model
         model = getattr(model, "name", model)
         return (f"criterion={self.criterion};allow_merged={self.allow_merged};forward={self.forward_plan};"
-                f"backward={self.backward_plan};device_model={model};rewrite_4bit={self.rewrite_4bit}")
+                f"backward={self.backward_plan};device_model={model};rewrite_4bit={self.rewrite_4bit};"
+                f"group_siblings={self.group_siblings}")

@@ -254,10 +254,12 @@ def check_case(case: Case, forced=(None, None)):
     assert len(report.rejected) == len(case.sites) - legal, [r.reason for r in report.rejected]
     assert all(r.reason for r in report.rejected)
     ops = [n for n in gm.graph.nodes if n.target is LORA_OP]
-    assert len(ops) == legal
+    groups = [n for n in gm.graph.nodes if n.target is torch.ops.runlora.lora_linear_group.default]
+    assert len(ops) + sum(len(n.args[1]) for n in groups) == legal  # a sibling group holds several sites
     assert all("tensor_meta" in n.meta for n in ops)
     if forced[0]:
         assert all(n.args[8] == forced[0] for n in ops)
+        assert all(set(n.args[8].split(";")) == {forced[0]} for n in groups)
     assert_same(run(gm, x, case.seed), want, case)
 
 

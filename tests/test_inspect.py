@@ -54,7 +54,7 @@ def test_report_formats(llama_report):
     _, _, report = llama_report
     text = str(report)
     assert "base_model.model.model.layers.1.mlp.down_proj" in text
-    assert "runlora: rewrote 14/14 LoRA sites" in text
+    assert "runlora: rewrote 14 of 14 LoRA-shaped sites" in text
     data = json.loads(report.to_json())
     assert data["schema"] == 1 and len(data["sites"]) == 14
     site = data["sites"][0]
@@ -82,7 +82,7 @@ def test_one_info_line_per_compiled_graph(caplog):
         torch.compile(model, backend=runlora_fx.make_backend(inner="eager"))(input_ids=lm_inputs())
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("runlora_fx")]
     assert len(lines) == 1
-    assert lines[0].startswith("runlora: rewrote 7/7 LoRA sites (")
+    assert lines[0].startswith("runlora: rewrote 7 of 7 LoRA-shaped sites (")
     assert "saved activations" in lines[0]
 
 
@@ -94,9 +94,13 @@ def test_dump_dir_writes_before_after_forward_backward(tmp_path, monkeypatch):
     lm_loss(compiled, lm_inputs()).backward()
     read = lambda suffix: (tmp_path / f"graph_0.{suffix}").read_text()  # noqa: E731
     assert "torch._C._nn.linear" in read("before.py") and "runlora" not in read("before.py")
-    assert read("after.py").count("torch.ops.runlora.lora_linear.default") == 7
-    assert read("forward.py").count("runlora.lora_linear.default") == 7
-    assert read("backward.py").count("runlora.lora_linear_backward.default") == 7
+    # 7 sites: o_proj and down_proj alone, q/k/v and gate/up as two sibling groups
+    assert read("after.py").count("torch.ops.runlora.lora_linear.default") == 2
+    assert read("after.py").count("torch.ops.runlora.lora_linear_group.default") == 2
+    assert read("forward.py").count("runlora.lora_linear.default") == 2
+    assert read("forward.py").count("runlora.lora_linear_group.default") == 2
+    assert read("backward.py").count("runlora.lora_linear_backward.default") == 2
+    assert read("backward.py").count("runlora.lora_linear_group_backward.default") == 2
     assert json.loads(read("report.json"))["totals"]["sites"] == 7
     assert "| base_model.model.model.layers.0.self_attn.q_proj" in read("report.md")
 

@@ -331,26 +331,64 @@ def _write_merged(path: str, entries: dict) -> dict:
 
 # --- progress ------------------------------------------------------------------------------
 class _Progress:
-    """One stderr line rewritten in place; silent unless stderr is a terminal."""
+    """Progress of a tuning run on stderr; silent unless stderr is a terminal (or ``enabled``).
 
-    def __init__(self, total: int, stream=None, enabled: Optional[bool] = None):
+    One line rewritten in place; once the run has taken ``bar_after_s`` seconds, a tqdm bar
+    instead when tqdm is importable (an optional dependency; without it the line goes on).
+    """
+
+    bar_after_s = 2.0
+
+    def __init__(self, total: int, stream=None, enabled: Optional[bool] = None,
+                 clock: Optional[Callable[[], float]] = None):
         self.stream = stream or sys.stderr
         is_tty = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = (is_tty if enabled is None else enabled) and total > 1
         self.total = total
         self.width = 0
+        self.clock = clock or time.monotonic
+        self.started = self.clock()
+        self.bar = None
+        self.tried_bar = False
 
     def update(self, done: int, label: str) -> None:
-        if self.enabled:
-            line = f"runlora: tuning {done + 1}/{self.total}: {label}"
-            self.stream.write("\r" + line.ljust(self.width))
-            self.stream.flush()
-            self.width = len(line)
+        if not self.enabled:
+            return
+        if not self.tried_bar and self.clock() - self.started >= self.bar_after_s:
+            self.tried_bar = True
+            self.bar = _tqdm_bar(self.total, done, self.stream)
+            if self.bar is not None:
+                self._clear_line()
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(label, refresh=True)
+            return
+        line = f"runlora: tuning {done + 1}/{self.total}: {label}"
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
 
     def close(self) -> None:
-        if self.enabled and self.width:
+        if self.bar is not None:
+            self.bar.n = self.total
+            self.bar.close()
+        elif self.enabled:
+            self._clear_line()
+
+    def _clear_line(self) -> None:
+        if self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
+            self.width = 0
+
+
+def _tqdm_bar(total: int, done: int, stream):
+    """A tqdm bar at ``done`` of ``total``, or None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=done, file=stream, desc="runlora: tuning", unit="shape", leave=False)
 
 
 # --- the tuner -----------------------------------------------------------------------------

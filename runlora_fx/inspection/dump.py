@@ -9,12 +9,18 @@ For graph ``graph_K`` the directory receives::
     graph_K.report.md/.json
     graph_K.after.svg      when pydot and graphviz are installed; runlora nodes filled orange
 
+Graphs are numbered per directory for the whole process (``next_graph_name``): two compiles,
+or two front doors, dumping into one directory write ``graph_0.*``, ``graph_1.*``, ... and never
+overwrite each other; the first graph in a fresh directory is ``graph_0``.
+
 Dumping never fails a compile: a dump step that raises is skipped with a warning.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import warnings
 
 import torch
@@ -22,7 +28,18 @@ import torch.fx as fx
 
 from .report import RewriteReport
 
-__all__ = ["dump_graph", "readable"]
+__all__ = ["dump_graph", "next_graph_name", "readable"]
+
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def next_graph_name(directory: str) -> str:
+    """``"graph_K"``: the next dump name for ``directory`` in this process (0, 1, ... per directory)."""
+    key = os.path.abspath(directory)
+    with _COUNTERS_LOCK:
+        counter = _COUNTERS.setdefault(key, itertools.count())
+        return f"graph_{next(counter)}"
 
 
 def readable(gm: fx.GraphModule) -> str:

@@ -32,6 +32,13 @@ keys are unaffected):
 - ``sites[].measured_s``: {"forward/backward": median seconds of forward + backward} for
   every pair timed, when measured times chose; else null.
 - ``totals.criteria``: sites per criterion that chose.
+- ``sites[].kind``: "lora" or "dora"; for "dora", ``norm_plan`` (norm_lowrank | norm_merged)
+  and ``dora_form`` (peft | torchtune), ``forward_costs`` keyed "forward/norm" and
+  ``needs.magnitude``.
+- ``sites[].group``: the sibling group computing this site (``passes/group.py``), as
+  "g0: path, path, ..." listing its members; null when the site has its own op.
+- ``sites[].group_note``: why a site with siblings (same x) was not grouped, or null.
+- ``totals.groups``: the number of sibling groups.
 """
 
 from __future__ import annotations
@@ -72,6 +79,11 @@ class SiteReport:
     criterion_note: Optional[str] = None
     estimated_s: Optional[dict] = None
     measured_s: Optional[dict] = None
+    group: Optional[str] = None  # "g0: path, path": the sibling group op computing this site
+    group_note: Optional[str] = None  # why a site with siblings was not grouped
+    kind: str = "lora"  # "dora": a DoRA layer (runlora.dora_linear, passes/dora.py)
+    norm_plan: Optional[str] = None  # DoRA: how the row norms are computed (plans/dora.py)
+    dora_form: Optional[str] = None  # DoRA: "peft" or "torchtune" (where the bias and dropout go)
 
     @property
     def flops_saved_pct(self) -> Optional[float]:
@@ -117,14 +129,20 @@ class RewriteReport:
             "activation_bytes_saved": sum(saved) if None not in saved else None,
             "plans": self.plan_counts(),
             "criteria": dict(collections.Counter(s.criterion for s in self.sites)),
+            "groups": len(self.groups()),
         }
 
+    def groups(self) -> list:
+        """The sibling groups' labels ("g0: path, path, ..."), in order."""
+        return list(dict.fromkeys(s.group for s in self.sites if s.group))
+
     def summary(self) -> str:
-        """One line, as logged per compiled graph."""
+        """One line, as logged per compiled graph: "rewrote k of m LoRA-shaped sites", where m
+        counts every site rewritten and every LoRA-shaped product left alone (``rejected``)."""
         t = self.totals()
         total = t["sites"] + t["rejected"]
         plans = ", ".join(f"{k}: {v}" for k, v in sorted(t["plans"].items()))
-        line = f"runlora: rewrote {t['sites']}/{total} LoRA sites"
+        line = f"runlora: rewrote {t['sites']} of {total} LoRA-shaped sites"
         if plans:
             line += f" ({plans})"
         if t["flops_saved_pct"] is not None:
@@ -133,6 +151,8 @@ class RewriteReport:
             line += f"; -{_bytes(t['activation_bytes_saved'])} saved activations"
         if set(t["criteria"]) - {self.criterion, "fixed"}:
             line += "; chosen by " + ", ".join(f"{k}: {v}" for k, v in sorted(t["criteria"].items()))
+        if t["groups"]:
+            line += f"; {t['groups']} sibling groups ({sum(1 for s in self.sites if s.group)} sites)"
         return line
 
     def to_dict(self) -> dict:
@@ -159,17 +179,26 @@ class RewriteReport:
         by = any(s.criterion not in ("flops", "fixed") for s in self.sites)
         if by:
             head.append("chosen by")
+        grouped = any(s.group for s in self.sites)
+        if grouped:
+            head.append("group")
         rows = []
         for s in self.sites:
             rows.append([
                 s.path, s.n if s.n_hint is None or s.n == str(s.n_hint) else f"{s.n} (~{s.n_hint})",
                 str(s.i), str(s.o), str(s.r), s.dtype + (f"->{s.adapter_dtype}" if s.adapter_dtype else ""),
                 _costs(s.forward_costs), _costs(s.backward_costs),
-                f"{s.forward_plan} / {s.backward_plan}",
+                f"{s.forward_plan} / {s.backward_plan}" + (f" / {s.norm_plan} (DoRA)" if s.kind == "dora" else ""),
                 "-" if s.flops_saved_pct is None else f"{s.flops_saved_pct:.1f}%",
                 "-" if s.activation_bytes_saved is None else _bytes(s.activation_bytes_saved),
-            ] + ([_chosen_by(s)] if by else []))
+            ] + ([_chosen_by(s)] if by else []) + ([s.group.split(":")[0] if s.group else "-"] if grouped else []))
         return head, rows
+
+    def _group_lines(self) -> list:
+        """Each sibling group with its members, and why siblings were left out of one."""
+        lines = [f"group {label}" for label in self.groups()]
+        lines += [f"not grouped: {s.path}: {s.group_note}" for s in self.sites if s.group_note]
+        return lines
 
     def to_markdown(self) -> str:
         head, rows = self._rows()
@@ -178,6 +207,8 @@ class RewriteReport:
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         if self.rejected:
             out += ["", "Left alone:", ""] + [f"- `{r.path}` ({r.node}): {r.reason}" for r in self.rejected]
+        if self._group_lines():
+            out += ["", "Sibling groups:", ""] + [f"- {line}" for line in self._group_lines()]
         out += ["", self.summary()]
         return "\n".join(out)
 
@@ -190,6 +221,9 @@ class RewriteReport:
         if self.rejected:
             out.append("left alone:")
             out += [f"  {r.path} ({r.node}): {r.reason}" for r in self.rejected]
+        if self._group_lines():
+            out.append("sibling groups:")
+            out += [f"  {line}" for line in self._group_lines()]
         out.append(self.summary())
         return "\n".join(out)
 

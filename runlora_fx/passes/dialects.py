@@ -38,6 +38,7 @@ __all__ = [
     "as_add",
     "as_linear",
     "as_scale",
+    "is_tensor_scale",
     "strip_casts",
     "strip_noop",
     "strip_transposes",
@@ -251,8 +252,11 @@ def strip_casts(node: Any) -> Any:
 def as_scale(node: Any) -> Optional[tuple[Any, Any]]:
     """Reads ``node`` as ``t * c`` or ``c * t`` with t a tensor and c a scalar: returns (t, c).
 
-    c is a Python number, or a node whose value is a Python scalar: Dynamo lifts peft's
-    ``scaling`` dict entry to a 0-d tensor input read with ``.item()`` under dynamic shapes.
+    c is a Python number; or a node whose value is a Python scalar (Dynamo lifts peft's
+    ``scaling`` dict entry to a 0-d tensor input read with ``.item()`` under dynamic shapes);
+    or a node whose value is a 0-d floating tensor (peft's ``prepare_model_for_compiled_hotswap``,
+    torchtune, a user's buffer or parameter): a run-time value, never a constant (see
+    ``is_tensor_scale``).
     """
     if not is_call(node, MUL_FNS, ("mul", "__mul__")) or len(node.args) != 2:
         return None
@@ -264,7 +268,17 @@ def as_scale(node: Any) -> Optional[tuple[Any, Any]]:
             return t, float(c)
         if isinstance(c, fx.Node) and isinstance(meta_value(c), (torch.SymFloat, torch.SymInt, float, int)):
             return t, c
+        if is_tensor_scale(c) and len(meta_value(t).shape) > 0:
+            return t, c
     return None
+
+
+def is_tensor_scale(node: Any) -> bool:
+    """A node whose value is a 0-d floating tensor: a scale that multiplies like a number
+    (a 0-d tensor does not promote the other operand's dtype) but is read at run time."""
+    val = meta_value(node)
+    return (isinstance(node, fx.Node) and is_tensor_value(val) and len(val.shape) == 0
+            and getattr(val, "dtype", torch.int64).is_floating_point)
 
 
 def as_add(node: Any) -> Optional[tuple[Any, Any]]:

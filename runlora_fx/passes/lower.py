@@ -31,10 +31,14 @@ import torch.fx as fx
 
 from .._compat import size_hint
 from .. import ops  # noqa: F401  registers torch.ops.runlora.*
+from ..ops.group import run_group_backward, run_group_forward, split_plans
 from ..ops.quantized import nf4_parts
 from ..plans import Needs, resolve_plan
+from ..plans.dora import dora_backward, dora_forward
+from .subgraphs import region_bodies
 
-__all__ = ["lowered_lora_linear", "lowered_lora_linear_4bit", "lora_linear_nf4", "lower_runlora_ops"]
+__all__ = ["lowered_dora_linear", "lowered_lora_linear", "lowered_lora_linear_4bit", "lowered_lora_linear_group", "lora_linear_nf4",
+           "lower_runlora_ops"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +99,45 @@ class _LoweredLoRA(torch.autograd.Function):
         plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
         needs = Needs(x=need_x or need_xl, lora_A=need_a, lora_B=need_b)
         weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
-        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
-                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs)
+        merged_dx = needs.x and plan.merged  # dX = dY(W + sBA): formed here, see _merged_grad_x
+        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), None if merged_dx else weight, lora_A, lora_B, ctx.scaling,
+                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype,
+                                   dataclasses.replace(needs, x=False) if merged_dx else needs)
+        if merged_dx:
+            gx = _merged_grad_x(g2, weight, lora_A, lora_B, ctx.scaling)
         grads = (
             None if gx is None or not need_x else gx.reshape(x.shape), None,
             ga if need_a else None, gb if need_b else None,
             None if gxl is None or not need_xl else gxl.reshape(x.shape),
         )
         return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+def _merged_grad_x(grad_y, weight, lora_A, lora_B, scaling):
+    """dX = dY (W + s B A), with the merged weight formed in the backward, never saved.
+
+    Matches (the joint graph AOTAutograd traces for forward2 + backward4/5)::
+
+        addmm = aten.addmm(W, B, A, alpha=s)         # forward: Y = X (W + sBA)ᵀ
+        ...
+        addmm_1 = aten.addmm(W, B, A, alpha=s)       # backward: dX = dY (W + sBA)
+        mm_2 = aten.mm(dY, addmm_1)
+
+    whose CSE folds ``addmm_1`` into ``addmm``, so the partitioner saves the forward's o×i
+    merged weight for backward (one per site, ~0.9 GiB on the H200 step of BENCHMARKS.md)
+    rather than recomputing it (addmm is never recomputed). Rewrite to::
+
+        addmm_1 = aten.addmm(t(W), t(A), t(B), alpha=s)   # (W + sBA)ᵀ = Wᵀ + s AᵀBᵀ, i×o
+        mm_2 = aten.mm(dY, t(addmm_1))
+
+    the same sum and products spelled transposed, which CSE cannot match: the backward
+    recomputes it from W, A and B (inputs it keeps anyway) at 2·i·r·o FLOPs, as the plan's
+    FLOP count already assumes. A 4-bit W is dequantized by a phase-tagged op, so its two
+    merges never matched; the same spelling serves both.
+    """
+    g = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
+    merged_t = torch.addmm(weight.t(), lora_A.t(), lora_B.t(), alpha=scaling)
+    return torch.mm(g, merged_t.t())
 
 
 def lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
@@ -134,14 +169,124 @@ def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapt
 
 
 def lower_runlora_ops(gm: fx.GraphModule) -> int:
-    """Replaces every runlora op node of ``gm`` by its lowered form; returns the count."""
+    """Replaces every runlora op node of ``gm`` and of its checkpointed/wrapped regions'
+    bodies (``subgraphs.py``) by its lowered form; returns the count."""
     lowered = {torch.ops.runlora.lora_linear.default: lowered_lora_linear,
-               torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit}
+               torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit,
+               torch.ops.runlora.lora_linear_group.default: lowered_lora_linear_group,
+               torch.ops.runlora.dora_linear.default: lowered_dora_linear}
     count = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in lowered:
-            node.target = lowered[node.target]
-            count += 1
-    if count:
-        gm.recompile()
+    for module in (gm, *region_bodies(gm)):
+        here = 0
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in lowered:
+                node.target = lowered[node.target]
+                here += 1
+        if here:
+            module.recompile()
+        count += here
     return count
+
+
+# --- sibling groups (runlora.lora_linear_group; ops/group.py) --------------------------------
+class _LoweredGroup(torch.autograd.Function):
+    """``runlora.lora_linear_group`` as its ATen chain (``ops.group.run_group_forward`` /
+    ``run_group_backward``): the concatenated x-reading GEMMs stay one mm each in the joint graph.
+
+    Tensors arrive flat: the k weights, the biases that are not None, the k A's, the k B's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, adapter_dtype, scalings, forward_plans, backward_plans, has_bias, *tensors):
+        k = len(has_bias)
+        weights, rest = list(tensors[:k]), list(tensors[k:])
+        biases = [rest.pop(0) if present else None for present in has_bias]
+        lora_As, lora_Bs = rest[:k], rest[k:]
+        i = x.shape[-1]
+        x2 = x.reshape(-1, i)
+        xl2 = None if x_lora is None else x_lora.reshape(-1, i)
+        n_hint = size_hint(x2.shape[0])
+        fplans = [resolve_plan(p, n_hint, "forward").name for p in split_plans(forward_plans, k, "forward")]
+        outs = run_group_forward(x2, weights, biases, lora_As, lora_Bs, list(scalings), xl2, adapter_dtype, fplans)
+        ctx.save_for_backward(x, x_lora, *weights, *lora_As, *lora_Bs)
+        ctx.k, ctx.n_bias, ctx.scalings, ctx.adapter_dtype = k, sum(has_bias), list(scalings), adapter_dtype
+        ctx.backward_plans = backward_plans
+        return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        k = ctx.k
+        x, x_lora, *rest = ctx.saved_tensors
+        weights, lora_As, lora_Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        need = ctx.needs_input_grad
+        need_x, need_xl = need[0], need[1]
+        offset = 7 + k + ctx.n_bias
+        need_a, need_b = list(need[offset:offset + k]), list(need[offset + k:offset + 2 * k])
+        i = x.shape[-1]
+        g2 = [None if g is None else g.reshape(-1, w.shape[0]) for g, w in zip(grads, weights)]
+        n_hint = size_hint(x.reshape(-1, i).shape[0])
+        bplans = [resolve_plan(p, n_hint, "backward").name for p in split_plans(ctx.backward_plans, k, "backward")]
+        gx, gxl, ga, gb = run_group_backward(
+            g2, x.reshape(-1, i), weights, lora_As, lora_Bs, ctx.scalings,
+            None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, bplans, need_x or need_xl,
+            need_a, need_b)
+        return ((None if gx is None or not need_x else gx.reshape(x.shape),
+                 None if gxl is None or not need_xl else gxl.reshape(x.shape))
+                + (None,) * (5 + k + ctx.n_bias) + tuple(ga) + tuple(gb))
+
+
+def lowered_lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, x_lora=None, adapter_dtype=None,
+                              forward_plans="forward1", backward_plans="backward1"):
+    """Same contract as ``torch.ops.runlora.lora_linear_group``, as traceable ATen calls."""
+    has_bias = tuple(b is not None for b in biases)
+    return list(_LoweredGroup.apply(x, x_lora, adapter_dtype, tuple(scalings), forward_plans, backward_plans,
+                                    has_bias, *weights, *[b for b in biases if b is not None], *lora_As,
+                                    *lora_Bs))
+
+
+# --- DoRA (runlora.dora_linear; ops/dora.py, plans/dora.py) ------------------------------------
+class _LoweredDoRA(torch.autograd.Function):
+    """``runlora.dora_linear`` as its ATen chain (``plans.dora.dora_forward`` / ``dora_backward``).
+
+    Saves x, x_lora, A, B, m, v (the unscaled LoRA-layer output, for dm) and c (the norms);
+    ‖W‖²_row for ``norm_lowrank`` comes from the opaque ``runlora.row_sq_norms``, cached per
+    frozen W at run time, so the compiled step never re-reads W for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm, forward_plan,
+                backward_plan):
+        o, i = weight.shape
+        x2 = x.reshape(-1, i)
+        xl2 = None if x_lora is None else x_lora.reshape(-1, i)
+        fplan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward").name
+        y, v, c = dora_forward(x2, weight, bias, lora_A, lora_B, magnitude, scaling, xl2, form, norm, fplan,
+                               torch.ops.runlora.row_sq_norms)
+        v = v.reshape(*x.shape[:-1], o)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, x_lora, v, c)
+        ctx.scaling, ctx.form, ctx.backward_plan = scaling, form, backward_plan
+        ctx.mark_non_differentiable(v, c)
+        return y.reshape(*x.shape[:-1], o), v, c
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_v, _grad_c):
+        x, weight, lora_A, lora_B, magnitude, x_lora, v, c = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        o, i = weight.shape
+        g2 = grad_y.reshape(-1, o)
+        bplan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward").name
+        needs = Needs(x=bool(need[0] or need[7]), lora_A=bool(need[3]), lora_B=bool(need[4]))
+        gx, gxl, ga, gb, gm = dora_backward(
+            g2, x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
+            None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, bplan, needs,
+            bool(need[5]))
+        return (gx.reshape(x.shape) if need[0] and gx is not None else None, None, None,
+                ga if need[3] else None, gb if need[4] else None, gm if need[5] else None, None,
+                gxl.reshape(x.shape) if need[7] and gxl is not None else None, None, None, None, None)
+
+
+def lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
+                        norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
+    """Same contract as ``torch.ops.runlora.dora_linear`` (returns (Y, v, c)), as traceable ATen calls."""
+    return _LoweredDoRA.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan,
+                              forward_plan, backward_plan)

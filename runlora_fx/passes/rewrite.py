@@ -11,6 +11,13 @@ Rewrite to::
 
     y = torch.ops.runlora.lora_linear.default(x, W, b, A, B, 2.0, x_lora, None, 'forward2', 'backward5')
 
+An autocast site (``match.py``) gets explicit casts of x, W, b, A, B (and x_lora) to its
+autocast dtype before the op; a 0-d tensor scale s is folded into lora_B as ``B' = s * B``
+(``_times_tensor_scales``), the op's ``scaling`` staying a float::
+
+    y = torch.ops.runlora.lora_linear.default(to(x, bf16), to(W, bf16), None, to(A, bf16),
+                                              mul(to(B, bf16), s), 1.0, None, None, 'forward1', 'backward1')
+
 The new node takes the add's metadata (``val``/``example_value``, ``stack_trace``,
 ``nn_module_stack``). On any internal error the graph is restored, a warning names the
 reason, and the report lists no site: the user's compile goes on unchanged.
@@ -36,10 +43,13 @@ from ..choose.measure import tuner_for
 from ..inspection.report import RewriteReport, SiteReport, cost_entry
 from ..options import RewriteOptions
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan, resolve_plan
+from .group import find_groups, rewrite_groups
 from .lower import lora_linear_nf4
+from .dora import rewrite_dora
 from .match import LoraSite, Rejection, find_sites
 from .nodes import WeightRef, is_metadata_assert, meta_value
 from .quantized import restores_dx
+from .subgraphs import region_bodies
 
 __all__ = ["rewrite", "rewrite_sites", "plan_site", "site_facts"]
 
@@ -177,18 +187,23 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
             if site.base.weight.node.op == "call_module":
                 mod = gm.get_submodule(site.base.weight.node.target)
                 bias = None if mod.bias is None else graph.get_attr(f"{site.base.weight.node.target}.bias")
+            cast = site.autocast  # under autocast: every operand cast to its dtype, as aten.linear would
+            lora_b = _cast_arg(graph, _weight_arg(graph, site.lora.b.weight, add), cast, add)
             args = (
-                replaced.get(site.x, site.x), weight, bias,
-                _weight_arg(graph, site.lora.a.weight, add), _weight_arg(graph, site.lora.b.weight, add),
-                _scaling_arg(graph, site, add), replaced.get(site.x_lora, site.x_lora), site.adapter_dtype,
-                str(choice.forward), str(choice.backward),
+                _cast_arg(graph, replaced.get(site.x, site.x), cast, add), _cast_arg(graph, weight, cast, add),
+                _cast_arg(graph, bias, cast, add), _cast_arg(graph, _weight_arg(graph, site.lora.a.weight, add), cast, add),
+                _times_tensor_scales(graph, lora_b, site, add),
+                _scaling_arg(graph, site, add), _cast_arg(graph, replaced.get(site.x_lora, site.x_lora), cast, add),
+                site.adapter_dtype, str(choice.forward), str(choice.backward),
             )
             op, args = _quantized_call(site.base.quant, args)
             new = graph.call_function(op, args)
             new.meta.update(add.meta)
             out = new
             if site.lora_bias is not None:
-                scaled = _call(graph, torch.ops.aten.mul.Tensor, (site.lora_bias, args[5]), add)
+                scaled = _call(graph, torch.ops.aten.mul.Tensor, (_cast_arg(graph, site.lora_bias, cast, add), args[5]),
+                               add)
+                scaled = _times_tensor_scales(graph, scaled, site, add)
                 out = _call(graph, torch.ops.aten.add.Tensor, (new, scaled), add)
                 out.meta.update({k: v for k, v in add.meta.items() if k not in ("val", "example_value")})
                 _set_value(out, meta_value(add), add)
@@ -254,6 +269,31 @@ def _scaling_arg(graph: fx.Graph, site: LoraSite, like: fx.Node):
     return scale
 
 
+def _cast_arg(graph: fx.Graph, node, dtype: Optional[torch.dtype], like: fx.Node):
+    """``node`` cast to ``dtype`` by a new node (an autocast site's explicit cast), or ``node``
+    itself when there is nothing to cast. Autograd gives an fp32 parameter an fp32 grad
+    through it, as through autocast's own cast."""
+    if dtype is None or not isinstance(node, fx.Node) or getattr(meta_value(node), "dtype", dtype) == dtype:
+        return node
+    return _call(graph, torch.ops.aten.to.dtype, (node, dtype), like)
+
+
+def _times_tensor_scales(graph: fx.Graph, node: fx.Node, site: LoraSite, like: fx.Node) -> fx.Node:
+    """``node`` times the site's 0-d tensor scales, one ``aten.mul`` each.
+
+    The op's schema keeps ``scaling: float`` (saved programs use it), so a run-time tensor
+    scale s cannot be an argument; it is folded into lora_B instead, exactly::
+
+        s * ((x @ A.T) @ B.T) == (x @ A.T) @ (s * B).T      # B' = s * B is o x r: cheap
+
+    and autograd gives dB = s * dB' (and ds, if s requires grad) through the mul. The value
+    is read on every call, so filling the scale in place (peft's hotswap) needs no recompile.
+    """
+    for scale in site.lora.scale_tensors:
+        node = _call(graph, torch.ops.aten.mul.Tensor, (node, scale), like)
+    return node
+
+
 def _weight_arg(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
     node = ref.node
     if node.op == "call_module":
@@ -314,13 +354,15 @@ def _warn_restored_dx(sites: list) -> None:
 
 def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, graph_name: str = "graph",
             dry_run: bool = False, **option_fields) -> RewriteReport:
-    """Rewrites every legal LoRA site of ``gm`` in place and reports what it did.
+    """Rewrites every legal LoRA site of ``gm`` in place and reports what it did, including
+    the sites inside the bodies of its checkpointed, wrapped or nested-compile regions
+    (``subgraphs.py``), whose paths are the user's module paths as in the outer graph.
 
     Args:
         gm: a GraphModule with shape metadata (Dynamo, torch.export, or ShapeProp).
         options: a ``RewriteOptions``; ``option_fields`` (criterion=, allow_merged=,
             forward_plan=, backward_plan=, device_model=, time_budget_s=, tuner=,
-            rewrite_4bit=) replace its fields. See ``RewriteOptions`` for each.
+            rewrite_4bit=, group_siblings=) replace its fields. See ``RewriteOptions`` for each.
         graph_name: label for the report.
         dry_run: match and choose only; leave the graph unchanged.
 
@@ -330,9 +372,18 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
     options = tuner_for(RewriteOptions.build(options, **option_fields))
     started = time.perf_counter()
     report = RewriteReport(graph=graph_name, criterion=options.criterion)
-    backup = _copy_graph(gm)
+    graphs = [gm, *region_bodies(gm)]  # and the bodies of checkpointed/wrapped regions (subgraphs.py)
+    backups = [_copy_graph(g) for g in graphs]
     try:
-        sites, report.rejected = find_sites(gm.graph)
+        sites, dora_reports = [], []
+        for g in graphs:
+            dora_found, dora_rejected, dora_nodes = rewrite_dora(g, options, dry_run=dry_run)  # first: DoRA is not LoRA
+            dora_reports += dora_found
+            report.rejected += dora_rejected
+            found, rejected = find_sites(g.graph)
+            rejected = [r for r in rejected if r.node not in dora_nodes]  # a dry run leaves DoRA's nodes in place
+            sites += found
+            report.rejected += rejected
         forced = options.forced_plans
         sites = [s for s in sites if not _rejects_forced_plan(s, forced, report.rejected)
                  and not _skips_4bit(s, options, report.rejected)]
@@ -340,14 +391,20 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
             _measure_sites(sites, options)
         choices = [plan_site(s, options) for s in sites]
         report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
+        groups = find_groups(sites, choices, options, report.sites)  # siblings sharing x (group.py)
+        report.sites += dora_reports  # after find_groups, which indexes report.sites by site
         if not dry_run and sites:
-            rewrite_sites(gm, sites, choices)
+            for g in graphs:
+                own = list(zip(*rewrite_groups(g, sites, choices, groups)))  # the ungrouped sites of g
+                if own:
+                    rewrite_sites(g, [s for s, _ in own], [c for _, c in own])
             _warn_restored_dx(sites)
     except Exception as exc:  # noqa: BLE001 - the pass must never break a user's compile
         warnings.warn(f"runlora: pass failed, graph left unchanged ({type(exc).__name__}: {exc})", stacklevel=2)
         log.debug("runlora pass failure", exc_info=True)
-        gm.graph = backup
-        gm.recompile()
+        for g, backup in zip(graphs, backups):
+            g.graph = backup
+            g.recompile()
         return RewriteReport(graph=graph_name, criterion=options.criterion)
     report.pass_seconds = time.perf_counter() - started
     log.info("%s", report.summary())

@@ -1,0 +1,206 @@
+"""``runlora_fx.install()``: the pass inside every inductor compile, with no backend to name.
+
+    pass_ = runlora_fx.install(criterion="flops")      # or: with runlora_fx.install() as pass_:
+    model = torch.compile(model)                        # plain inductor; HF Trainer(torch_compile=True)
+    ...
+    pass_.reports                                       # one RewriteReport per graph the pass ran on
+    runlora_fx.uninstall()
+
+``install`` sets ``torch._inductor.config.pre_grad_custom_pass`` to a ``RunLoRAPass`` (an
+inductor ``CustomGraphPass``). Inductor runs pre-grad passes on the Dynamo graph inside
+``aot_module_simplified`` (``torch/_functorch/aot_autograd.py``), after the AOTAutogradCache
+lookup when every custom pass has a ``uuid()`` ("late" timing), so a warm start of the same
+graph hits the cache and runs no pass at all. The graph there is still Dynamo's torch IR with
+its ``example_value`` metadata, which is what ``passes/rewrite.py`` matches. The pass rewrites
+``graph.owning_module`` and lowers each ``runlora.lora_linear`` into its plan's ATen chain, as
+``make_backend(lowering="aten")`` does.
+
+``uuid()`` covers ``runlora_fx.__version__``, a hash of the package's sources and
+``RewriteOptions.key()``, so the cache never serves a graph rewritten by other code or other
+settings. With ``criterion="time"`` the choice also depends on the timing cache on disk; a warm
+start reuses the plans chosen when the entry was written (every plan is exact).
+
+``LowerRunLoRAOps`` is the lowering alone; ``make_backend`` hands it to inductor the same way,
+so the graph it keys the caches on holds ``runlora.lora_linear`` (an OpOverload, cacheable, its
+plan strings in the key) rather than the lowered autograd.Function, which AOTAutogradCache
+bypasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from ._compat import custom_graph_pass_base
+from ._version import __version__
+from .choose.measure import tuner_for
+from .inspection.dump import dump_graph, next_graph_name, readable
+from .options import RewriteOptions
+from .passes.lower import lower_runlora_ops
+from .passes.rewrite import rewrite
+
+__all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "source_fingerprint", "uninstall", "with_pre_grad_pass"]
+
+log = logging.getLogger("runlora_fx.install")
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+_FINGERPRINT: list = []
+_INSTALLED: list = []  # [(pass, previous value of pre_grad_custom_pass)], innermost last
+_LOCK = threading.Lock()
+
+
+def source_fingerprint() -> str:
+    """sha256 of every ``.py`` file of the installed runlora_fx package (paths and contents)."""
+    if not _FINGERPRINT:
+        digest = hashlib.sha256()
+        for path in sorted(_PACKAGE.rglob("*.py")):
+            digest.update(str(path.relative_to(_PACKAGE)).encode())
+            digest.update(path.read_bytes())
+        _FINGERPRINT.append(digest.hexdigest())
+    return _FINGERPRINT[0]
+
+
+class LowerRunLoRAOps(custom_graph_pass_base()):
+    """Inductor pre-grad pass: each runlora op -> its plan's ATen chain (``passes/lower.py``).
+
+    Matches::
+
+        y = torch.ops.runlora.lora_linear.default(x, W, b, A, B, 2.0, None, None, 'forward2', 'backward5')
+
+    Rewrite to::
+
+        y = runlora_fx.passes.lower.lowered_lora_linear(x, W, b, A, B, 2.0, None, None, 'forward2', 'backward5')
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is not None:
+            lower_runlora_ops(gm)
+
+    def uuid(self) -> str:
+        return f"runlora_fx-lower;{__version__};{source_fingerprint()}"
+
+
+class RunLoRAPass(LowerRunLoRAOps):
+    """Inductor pre-grad pass: the runlora rewrite, then the lowering.
+
+    Matches (Dynamo's torch IR, see ``passes/match.py``)::
+
+        base = torch._C._nn.linear(x, W, b)
+        lora = torch._C._nn.linear(torch._C._nn.linear(x_lora, A), B) * 2.0
+        y    = base + lora
+
+    Rewrite to::
+
+        y = runlora_fx.passes.lower.lowered_lora_linear(x, W, b, A, B, 2.0, x_lora, None, 'forward2', 'backward5')
+
+    Args:
+        options: the pass's settings (validated ``RewriteOptions``).
+        dump_dir: write each graph's dumps there (also env RUNLORA_DUMP_DIR), as ``make_backend``.
+        on_report: called with each graph's RewriteReport.
+
+    Attributes:
+        reports: one RewriteReport per graph the pass ran on (none for a cache hit).
+        options: the ``RewriteOptions`` in use.
+    """
+
+    def __init__(self, options: RewriteOptions, *, dump_dir: Optional[str] = None,
+                 on_report: Optional[Callable] = None):
+        self.options = tuner_for(options)
+        self.dump_dir = dump_dir
+        self.on_report = on_report
+        self.reports: list = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None:
+            return
+        dump = self.dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
+        name = next_graph_name(dump) if dump else f"graph_{len(self.reports)}"
+        before = readable(gm) if dump else None
+        report = rewrite(gm, self.options, graph_name=name)
+        self.reports.append(report)
+        if self.on_report is not None:
+            self.on_report(report)
+        if dump:
+            dump_graph(dump, name, before, gm, report)
+        lower_runlora_ops(gm)
+
+    def uuid(self) -> str:
+        return f"runlora_fx-pass;{__version__};{source_fingerprint()};{self.options.key()}"
+
+    @property
+    def installed(self) -> bool:
+        return any(p is self for p, _ in _INSTALLED)
+
+    def uninstall(self) -> None:
+        """Removes this pass (and any installed after it), restoring what was there before."""
+        with _LOCK:
+            while self.installed:
+                _pop()
+
+    def __enter__(self) -> "RunLoRAPass":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def with_pre_grad_pass(current, new_pass):
+    """``pre_grad_custom_pass`` value with ``new_pass`` run after the passes in ``current``."""
+    if not current:
+        return new_pass
+    passes = list(current) if isinstance(current, (list, tuple)) else [current]
+    return passes + [new_pass]
+
+
+def install(*, dump_dir: Optional[str] = None, on_report: Optional[Callable] = None,
+            options: Optional[RewriteOptions] = None, **option_fields) -> RunLoRAPass:
+    """Runs the runlora pass in every inductor compile until ``uninstall()``.
+
+    Sets ``torch._inductor.config.pre_grad_custom_pass`` to a ``RunLoRAPass`` (after any pass
+    already there). Also a context manager: ``with runlora_fx.install(): ...`` uninstalls on exit.
+
+    Args:
+        dump_dir: write each graph before/after the pass and its report there (also env
+            RUNLORA_DUMP_DIR); see ``inspection/dump.py``.
+        on_report: called with each graph's RewriteReport.
+        options, **option_fields: a ``RewriteOptions`` and/or its fields (criterion=,
+            allow_merged=, forward_plan=, ...), as for ``make_backend``.
+
+    Returns:
+        The installed ``RunLoRAPass``; ``.reports`` collects the reports.
+    """
+    from torch._inductor import config
+
+    new_pass = RunLoRAPass(RewriteOptions.build(options, **option_fields), dump_dir=dump_dir, on_report=on_report)
+    with _LOCK:
+        previous = config.pre_grad_custom_pass
+        config.pre_grad_custom_pass = with_pre_grad_pass(previous, new_pass)
+        _INSTALLED.append((new_pass, previous))
+    log.info("runlora: installed as inductor's pre_grad_custom_pass (%s)", new_pass.options.key())
+    return new_pass
+
+
+def uninstall() -> Optional[RunLoRAPass]:
+    """Removes the most recently installed pass, restoring the previous ``pre_grad_custom_pass``.
+
+    Returns:
+        The pass removed, or None when none was installed.
+    """
+    with _LOCK:
+        return _pop() if _INSTALLED else None
+
+
+def _pop() -> RunLoRAPass:
+    from torch._inductor import config
+
+    removed, previous = _INSTALLED.pop()
+    config.pre_grad_custom_pass = previous
+    return removed
