@@ -15,7 +15,7 @@ import torch.nn as nn
 import runlora_fx
 from runlora_fx.passes.rewrite import rewrite
 
-from test_pass import TARGETS, lm_inputs, lm_loss, peft_llama
+from test_pass import lm_inputs, lm_loss, peft_llama
 
 LORA_OP = torch.ops.runlora.lora_linear.default
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}

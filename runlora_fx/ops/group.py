@@ -161,9 +161,10 @@ def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adap
             grad_a[j] = da
     b_members = [j for j in live if needs_b[j]]
     if b_members:
-        xa_cat = torch.mm(xl, _cat_rows([lora_As[j] for j in b_members]).t())  # recomputed, never saved
-        for j, xa in zip(b_members, torch.split(xa_cat, [lora_As[j].shape[0] for j in b_members], dim=1)):
-            grad_b[j] = torch.mm(g_lora[j].t(), xa * scalings[j])
+        # X_l [s_1 A_1; …]ᵀ recomputed, never saved; scaled, so no CSE folds it into the forward's XA_cat
+        xa_cat = torch.mm(xl, _cat_rows([lora_As[j] * scalings[j] for j in b_members]).t())
+        for j, xa_s in zip(b_members, torch.split(xa_cat, [lora_As[j].shape[0] for j in b_members], dim=1)):
+            grad_b[j] = torch.mm(g_lora[j].t(), xa_s)
     for j in range(k):  # an unused output: zero gradients, as autograd gives
         if grad_a[j] is None and needs_a[j]:
             grad_a[j] = torch.zeros_like(lora_As[j])

@@ -22,7 +22,6 @@ read here too (``as_scale``, ``as_add``, ``strip_noop``).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,7 +29,7 @@ import torch.fx as fx
 
 from . import quantized
 from .nodes import (ADD_FNS, ADDMM_FNS, LINEAR_FNS, MATMUL_FNS, MUL_FNS, VIEW_FNS, LinearView, WeightRef, arg, aten,
-                    cast_dtype, is_call, is_tensor_value, meta_value, strip_flatten, view_chain)
+                    cast_dtype, is_call, is_tensor_value, meta_value, view_chain)
 
 __all__ = [
     "LINEAR_DIALECTS",
@@ -233,13 +232,6 @@ def strip_noop(node: Any) -> tuple[Any, tuple]:
         chain.append(node)
         node = src
     return node, tuple(chain)
-
-
-def strip_casts(node: Any) -> Any:
-    """Follows dtype casts back to their source."""
-    while cast_dtype(node) is not None:
-        node = node.args[0]
-    return node
 
 
 def strip_casts(node: Any) -> Any:

@@ -46,12 +46,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .._compat import detect_fake_mode, on_compile_start, size_hint
+from .._compat import on_compile_start, size_hint
 from ..choose.dora import DoraChoice, choose_dora
 from ..choose.select import SiteFacts
 from ..inspection.report import SiteReport, cost_entry
 from ..options import RewriteOptions
 from ..plans import FORWARD_PLANS, Needs, parse_plan
+from .build import new_call
 from .dialects import as_add, as_linear, as_scale, strip_casts, strip_noop, strip_transposes
 from .match import Rejection, module_path, to_sympy
 from .nodes import LinearView, aten, is_call, is_metadata_assert, meta_value
@@ -460,32 +461,14 @@ def _dora_report(site: DoraSite, choice: DoraChoice) -> SiteReport:
 
 
 # --- rewriting ---------------------------------------------------------------------------
-def _new_node(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
-    """A node with ``like``'s provenance and its fake value computed from its inputs."""
-    node = graph.call_function(target, args)
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    vals = [meta_value(a) if isinstance(a, fx.Node) else a for a in args]
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-    mode = next((v.fake_mode for v in tensors if hasattr(v, "fake_mode")), None) or detect_fake_mode(tensors)
-    key = "example_value" if "example_value" in like.meta else "val"
-    if mode is not None:
-        with mode:
-            node.meta[key] = target(*vals)
-    elif target is operator.getitem and isinstance(vals[0], (tuple, list)):
-        node.meta[key] = vals[0][vals[1]]
-    return node
-
-
 def _rewrite_site(gm: fx.GraphModule, site: DoraSite, choice: DoraChoice) -> None:
     graph = gm.graph
     final = site.add
     with graph.inserting_before(final):
         args = (site.x, site.weight, site.base.bias, site.a.weight.node, site.b.weight.node, site.magnitude,
                 float(site.scaling), site.x_lora, site.form, choice.norm, str(choice.forward), str(choice.backward))
-        op = _new_node(graph, torch.ops.runlora.dora_linear.default, args, final)
-        out = _new_node(graph, operator.getitem, (op, 0), final)
+        op = new_call(graph, torch.ops.runlora.dora_linear.default, args, final)
+        out = new_call(graph, operator.getitem, (op, 0), final)
         key = "example_value" if "example_value" in final.meta else "val"
         if key in final.meta:
             out.meta[key] = final.meta[key]

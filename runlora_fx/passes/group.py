@@ -37,8 +37,9 @@ from ..choose.roofline import resolve_device_model
 from ..ops.group import GROUPABLE_BACKWARD, join_plans
 from ..options import RewriteOptions
 from ..plans import parse_plan
+from .build import copy_provenance, erase_dead, value_key, weight_arg
 from .match import LoraSite
-from .nodes import WeightRef, is_metadata_assert, meta_value
+from .nodes import meta_value
 
 __all__ = ["SiteGroup", "can_group", "can_join", "find_groups", "rewrite_groups"]
 
@@ -211,18 +212,18 @@ def rewrite_groups(gm: fx.GraphModule, sites: list, choices: list, groups: list)
         with graph.inserting_before(like):
             args = (
                 replaced.get(first.x, first.x),
-                [_weight(graph, s.base.weight, like) for s in members],
+                [weight_arg(graph, s.base.weight, like) for s in members],
                 [s.base.bias for s in members],
-                [_weight(graph, s.lora.a.weight, like) for s in members],
-                [_weight(graph, s.lora.b.weight, like) for s in members],
+                [weight_arg(graph, s.lora.a.weight, like) for s in members],
+                [weight_arg(graph, s.lora.b.weight, like) for s in members],
                 [float(s.lora.scaling) for s in members],
                 replaced.get(first.x_lora, first.x_lora), first.adapter_dtype,
                 join_plans(choices[j].forward for j in group.members),
                 join_plans(choices[j].backward for j in group.members),
             )
             node = graph.call_function(GROUP_OP, args)
-            _provenance(node, like)
-            key = _value_key(like)
+            copy_provenance(node, like)
+            key = value_key(like)
             node.meta[key] = [meta_value(s.add) for s in members]
             node.meta["runlora_group"] = group.label
             outs = []
@@ -235,7 +236,7 @@ def rewrite_groups(gm: fx.GraphModule, sites: list, choices: list, groups: list)
             replaced[site.add] = item
         for site in members:
             x_chain = [] if site.base.x in replaced else [site.base.x]
-            _erase_dead(graph, [site.add, *site.base.nodes, *site.lora.nodes, *x_chain])
+            erase_dead(graph, [site.add, *site.base.nodes, *site.lora.nodes, *x_chain])
     grouped = {j for g in groups for j in g.members}
     rest = [(_repointed(s, replaced), c) for j, (s, c) in enumerate(zip(sites, choices))
             if j not in grouped and s.add.graph is graph]
@@ -254,32 +255,3 @@ def _repointed(site: LoraSite, replaced: dict) -> LoraSite:
                                x_lora=replaced.get(site.x_lora, site.x_lora))
 
 
-def _erase_dead(graph: fx.Graph, nodes: list) -> None:
-    for node in nodes:
-        if isinstance(node, fx.Node) and node.graph is graph and node.op != "placeholder":
-            for check in [u for u in node.users if is_metadata_assert(u)]:
-                graph.erase_node(check)  # torch.export's dtype asserts on a value that is gone
-            if not node.users:
-                graph.erase_node(node)
-
-
-def _value_key(like: fx.Node) -> str:
-    return "example_value" if "example_value" in like.meta else "val"
-
-
-def _provenance(node: fx.Node, like: fx.Node) -> None:
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-
-
-def _weight(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
-    """The weight in nn.Linear layout: a permute of the source where the dialect read it transposed."""
-    if not ref.transposed:
-        return ref.node
-    node = graph.call_function(torch.ops.aten.permute.default, (ref.node, [1, 0]))
-    _provenance(node, like)
-    val = meta_value(ref.node)
-    if val is not None:
-        node.meta[_value_key(like)] = val.permute(1, 0)
-    return node

@@ -37,17 +37,18 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .._compat import detect_fake_mode, size_hint
+from .._compat import size_hint
 from ..choose import SiteFacts, choose_for, time_request
 from ..choose.measure import tuner_for
 from ..inspection.report import RewriteReport, SiteReport, cost_entry
 from ..options import RewriteOptions
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan, resolve_plan
 from .group import find_groups, rewrite_groups
+from .build import erase_dead, new_call, set_value, value_key, weight_arg
 from .lower import lora_linear_nf4
 from .dora import rewrite_dora
 from .match import LoraSite, Rejection, find_sites
-from .nodes import WeightRef, is_metadata_assert, meta_value
+from .nodes import meta_value
 from .quantized import restores_dx
 from .subgraphs import region_bodies
 
@@ -182,16 +183,16 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
     for site, choice in zip(sites, choices):
         add = site.add
         with graph.inserting_before(add):
-            weight = _weight_arg(graph, site.base.weight, add)
+            weight = weight_arg(graph, site.base.weight, add)
             bias = site.base.bias
             if site.base.weight.node.op == "call_module":
                 mod = gm.get_submodule(site.base.weight.node.target)
                 bias = None if mod.bias is None else graph.get_attr(f"{site.base.weight.node.target}.bias")
             cast = site.autocast  # under autocast: every operand cast to its dtype, as aten.linear would
-            lora_b = _cast_arg(graph, _weight_arg(graph, site.lora.b.weight, add), cast, add)
+            lora_b = _cast_arg(graph, weight_arg(graph, site.lora.b.weight, add), cast, add)
             args = (
                 _cast_arg(graph, replaced.get(site.x, site.x), cast, add), _cast_arg(graph, weight, cast, add),
-                _cast_arg(graph, bias, cast, add), _cast_arg(graph, _weight_arg(graph, site.lora.a.weight, add), cast, add),
+                _cast_arg(graph, bias, cast, add), _cast_arg(graph, weight_arg(graph, site.lora.a.weight, add), cast, add),
                 _times_tensor_scales(graph, lora_b, site, add),
                 _scaling_arg(graph, site, add), _cast_arg(graph, replaced.get(site.x_lora, site.x_lora), cast, add),
                 site.adapter_dtype, str(choice.forward), str(choice.backward),
@@ -201,47 +202,18 @@ def rewrite_sites(gm: fx.GraphModule, sites: list, choices: list) -> None:
             new.meta.update(add.meta)
             out = new
             if site.lora_bias is not None:
-                scaled = _call(graph, torch.ops.aten.mul.Tensor, (_cast_arg(graph, site.lora_bias, cast, add), args[5]),
+                scaled = new_call(graph, torch.ops.aten.mul.Tensor, (_cast_arg(graph, site.lora_bias, cast, add), args[5]),
                                add)
                 scaled = _times_tensor_scales(graph, scaled, site, add)
-                out = _call(graph, torch.ops.aten.add.Tensor, (new, scaled), add)
+                out = new_call(graph, torch.ops.aten.add.Tensor, (new, scaled), add)
                 out.meta.update({k: v for k, v in add.meta.items() if k not in ("val", "example_value")})
-                _set_value(out, meta_value(add), add)
+                set_value(out, meta_value(add), add)
         add.replace_all_uses_with(out)
         replaced[add] = out
         x_chain = [] if site.base.x in replaced else [site.base.x]  # an earlier site's add is gone already
-        for node in [add, *site.base.nodes, *site.lora.nodes, *x_chain]:
-            if isinstance(node, fx.Node) and node.graph is graph and node.op != "placeholder":
-                for check in [u for u in node.users if is_metadata_assert(u)]:
-                    graph.erase_node(check)  # torch.export's dtype asserts on a value that is gone
-                if not node.users:
-                    graph.erase_node(node)
+        erase_dead(graph, [add, *site.base.nodes, *site.lora.nodes, *x_chain])
     graph.lint()
     gm.recompile()
-
-
-def _value_key(like: fx.Node) -> str:
-    return "example_value" if "example_value" in like.meta else "val"
-
-
-def _set_value(node: fx.Node, value, like: fx.Node) -> None:
-    if value is not None:
-        node.meta[_value_key(like)] = value
-
-
-def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
-    """A new node with ``like``'s provenance and its fake value computed from its inputs."""
-    node = graph.call_function(target, args)
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    vals = [meta_value(a) if isinstance(a, fx.Node) else a for a in args]
-    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None) or detect_fake_mode(
-        [v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is not None:
-        with mode:
-            _set_value(node, target(*vals), like)
-    return node
 
 
 def _quantized_call(quant: Optional[dict], args: tuple) -> tuple:
@@ -264,7 +236,7 @@ def _scaling_arg(graph: fx.Graph, site: LoraSite, like: fx.Node):
     scale = site.lora.scale_nodes[0]
     for factor in list(site.lora.scale_nodes[1:]) + ([const] if const != 1.0 else []):
         product = graph.call_function(operator.mul, (scale, factor))
-        product.meta[_value_key(like)] = meta_value(scale) * meta_value(factor)
+        product.meta[value_key(like)] = meta_value(scale) * meta_value(factor)
         scale = product
     return scale
 
@@ -275,7 +247,7 @@ def _cast_arg(graph: fx.Graph, node, dtype: Optional[torch.dtype], like: fx.Node
     through it, as through autocast's own cast."""
     if dtype is None or not isinstance(node, fx.Node) or getattr(meta_value(node), "dtype", dtype) == dtype:
         return node
-    return _call(graph, torch.ops.aten.to.dtype, (node, dtype), like)
+    return new_call(graph, torch.ops.aten.to.dtype, (node, dtype), like)
 
 
 def _times_tensor_scales(graph: fx.Graph, node: fx.Node, site: LoraSite, like: fx.Node) -> fx.Node:
@@ -290,16 +262,7 @@ def _times_tensor_scales(graph: fx.Graph, node: fx.Node, site: LoraSite, like: f
     is read on every call, so filling the scale in place (peft's hotswap) needs no recompile.
     """
     for scale in site.lora.scale_tensors:
-        node = _call(graph, torch.ops.aten.mul.Tensor, (node, scale), like)
-    return node
-
-
-def _weight_arg(graph: fx.Graph, ref: WeightRef, like: fx.Node) -> fx.Node:
-    node = ref.node
-    if node.op == "call_module":
-        node = graph.get_attr(f"{node.target}.weight")
-    if ref.transposed:
-        return _call(graph, torch.ops.aten.permute.default, (node, [1, 0]), like)
+        node = new_call(graph, torch.ops.aten.mul.Tensor, (node, scale), like)
     return node
 
 

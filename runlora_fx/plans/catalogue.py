@@ -262,7 +262,9 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
         grad_a = torch.mm(zs.t(), xl) if plan.da == "z" else torch.mm(lora_B.t() * scaling, t.t())
     if needs.lora_B:
         if plan.db == "xa":
-            xa_s = torch.mm(xl, lora_A.t()).mul_(scaling)  # recomputed, never saved
+            # s·(X_l Aᵀ) as X_l (s·A)ᵀ: recomputed, never saved. Spelled apart from the forward's
+            # X_l Aᵀ so a joint graph's CSE cannot fold the two and keep the forward's n×r result.
+            xa_s = torch.mm(xl, (lora_A * scaling).t())
             grad_b = torch.mm(g_lora.t(), xa_s)
         else:
             grad_b = torch.mm(t.t(), lora_A.t() * scaling)
