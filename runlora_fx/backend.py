@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from typing import Callable, Optional
 
@@ -26,13 +25,11 @@ import torch
 
 from ._compat import inductor_config_patches, install_ddp_presplit_hook
 from .choose.measure import tuner_for
-from .inspection.dump import dump_graph, next_graph_name, readable
-from .install import LowerRunLoRAOps, with_pre_grad_pass
+from .install import LowerRunLoRAOps, rewrite_and_report, with_pre_grad_pass
 from .options import INNER_COMPILERS, LOWERINGS, RewriteOptions, default_lowering
 from .passes.dora import make_peft_dora_traceable
 from .passes.lower import lower_runlora_ops
 from .passes.match import module_path
-from .passes.rewrite import rewrite
 
 __all__ = ["make_backend", "runlora_backend"]
 
@@ -91,15 +88,8 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
             presplit.pop()
 
     def _rewrite(gm, example_inputs):
-        dump = dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
-        name = next_graph_name(dump) if dump else f"graph_{len(reports)}"
-        before = readable(gm) if dump else None
-        report = rewrite(gm, rewrite_options, graph_name=name)
-        reports.append(report)
-        if on_report is not None:
-            on_report(report)
-        if dump:
-            dump_graph(dump, name, before, gm, report, example_inputs)
+        rewrite_and_report(gm, rewrite_options, reports, dump_dir=dump_dir, on_report=on_report,
+                           example_inputs=example_inputs)
 
     def backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                 options: Optional[dict] = None):

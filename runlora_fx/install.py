@@ -45,7 +45,8 @@ from .options import RewriteOptions
 from .passes.lower import lower_runlora_ops
 from .passes.rewrite import rewrite
 
-__all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "source_fingerprint", "uninstall", "with_pre_grad_pass"]
+__all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "rewrite_and_report", "source_fingerprint", "uninstall",
+           "with_pre_grad_pass"]
 
 log = logging.getLogger("runlora_fx.install")
 
@@ -121,15 +122,7 @@ class RunLoRAPass(LowerRunLoRAOps):
         gm = graph.owning_module
         if gm is None:
             return
-        dump = self.dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
-        name = next_graph_name(dump) if dump else f"graph_{len(self.reports)}"
-        before = readable(gm) if dump else None
-        report = rewrite(gm, self.options, graph_name=name)
-        self.reports.append(report)
-        if self.on_report is not None:
-            self.on_report(report)
-        if dump:
-            dump_graph(dump, name, before, gm, report)
+        rewrite_and_report(gm, self.options, self.reports, dump_dir=self.dump_dir, on_report=self.on_report)
         lower_runlora_ops(gm)
 
     def uuid(self) -> str:
@@ -150,6 +143,23 @@ class RunLoRAPass(LowerRunLoRAOps):
 
     def __exit__(self, *exc) -> None:
         self.uninstall()
+
+
+def rewrite_and_report(gm: torch.fx.GraphModule, options: RewriteOptions, reports: list, *,
+                       dump_dir: Optional[str] = None, on_report: Optional[Callable] = None,
+                       example_inputs=None):
+    """A front door's step for one graph: rewrite it, append its report to ``reports``, hand the
+    report to ``on_report`` and dump the graph to ``dump_dir`` (or env RUNLORA_DUMP_DIR)."""
+    dump = dump_dir or os.environ.get("RUNLORA_DUMP_DIR")
+    name = next_graph_name(dump) if dump else f"graph_{len(reports)}"
+    before = readable(gm) if dump else None
+    report = rewrite(gm, options, graph_name=name)
+    reports.append(report)
+    if on_report is not None:
+        on_report(report)
+    if dump:
+        dump_graph(dump, name, before, gm, report, example_inputs)
+    return report
 
 
 def with_pre_grad_pass(current, new_pass):

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, parse_plan, resolve_plan
+from ..plans.catalogue import merged_weight_for_backward
 
 __all__ = ["GROUPABLE_BACKWARD", "check_group_args", "lora_linear_group", "lora_linear_group_backward",
            "join_plans", "run_group_backward", "run_group_forward", "split_plans"]
@@ -177,9 +178,7 @@ def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adap
             w = weights[j]
             g_base = grads[j] if grads[j].dtype == w.dtype else grads[j].to(w.dtype)
             if plans[j].dx == "merged":
-                # (W + sBA) spelled transposed, Wᵀ + s AᵀBᵀ: the joint graph's CSE cannot fold it into
-                # forward2's merged weight, which would then be saved (see passes/lower.py, _merged_grad_x)
-                w = torch.addmm(w.t(), lora_As[j].t(), lora_Bs[j].t(), alpha=scalings[j]).t()
+                w = merged_weight_for_backward(w, lora_As[j], lora_Bs[j], scalings[j])
             grad_x = torch.mm(g_base, w) if grad_x is None else torch.addmm(grad_x, g_base, w)
         if grad_x is None:
             grad_x = x2.new_zeros(x2.shape)

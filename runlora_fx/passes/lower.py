@@ -99,45 +99,14 @@ class _LoweredLoRA(torch.autograd.Function):
         plan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward")
         needs = Needs(x=need_x or need_xl, lora_A=need_a, lora_B=need_b)
         weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
-        merged_dx = needs.x and plan.merged  # dX = dY(W + sBA): formed here, see _merged_grad_x
-        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), None if merged_dx else weight, lora_A, lora_B, ctx.scaling,
-                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype,
-                                   dataclasses.replace(needs, x=False) if merged_dx else needs)
-        if merged_dx:
-            gx = _merged_grad_x(g2, weight, lora_A, lora_B, ctx.scaling)
+        gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
+                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs)
         grads = (
             None if gx is None or not need_x else gx.reshape(x.shape), None,
             ga if need_a else None, gb if need_b else None,
             None if gxl is None or not need_xl else gxl.reshape(x.shape),
         )
         return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
-
-
-def _merged_grad_x(grad_y, weight, lora_A, lora_B, scaling):
-    """dX = dY (W + s B A), with the merged weight formed in the backward, never saved.
-
-    Matches (the joint graph AOTAutograd traces for forward2 + backward4/5)::
-
-        addmm = aten.addmm(W, B, A, alpha=s)         # forward: Y = X (W + sBA)ᵀ
-        ...
-        addmm_1 = aten.addmm(W, B, A, alpha=s)       # backward: dX = dY (W + sBA)
-        mm_2 = aten.mm(dY, addmm_1)
-
-    whose CSE folds ``addmm_1`` into ``addmm``, so the partitioner saves the forward's o×i
-    merged weight for backward (one per site, ~0.9 GiB on the H200 step of BENCHMARKS.md)
-    rather than recomputing it (addmm is never recomputed). Rewrite to::
-
-        addmm_1 = aten.addmm(t(W), t(A), t(B), alpha=s)   # (W + sBA)ᵀ = Wᵀ + s AᵀBᵀ, i×o
-        mm_2 = aten.mm(dY, t(addmm_1))
-
-    the same sum and products spelled transposed, which CSE cannot match: the backward
-    recomputes it from W, A and B (inputs it keeps anyway) at 2·i·r·o FLOPs, as the plan's
-    FLOP count already assumes. A 4-bit W is dequantized by a phase-tagged op, so its two
-    merges never matched; the same spelling serves both.
-    """
-    g = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
-    merged_t = torch.addmm(weight.t(), lora_A.t(), lora_B.t(), alpha=scaling)
-    return torch.mm(g, merged_t.t())
 
 
 def lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,

@@ -40,7 +40,7 @@ import torch.fx as fx
 from ..plans import Needs
 from .autocast import LOW_PRECISION, autocast_regions, is_autocast_eligible
 from .dialects import as_add, as_linear, as_scale, is_tensor_scale, strip_noop
-from .nodes import LinearView, cast_dtype, is_metadata_assert, meta_value
+from .nodes import EYE_FNS, LinearView, cast_dtype, is_call, is_metadata_assert, meta_value
 
 __all__ = [
     "LoraProduct", "LoraSite", "Rejection", "match_lora", "find_sites", "find_unmatched_products", "lora_shaped",
@@ -378,19 +378,20 @@ def _covered(site) -> set:
     return set(getattr(lora, "nodes", ()) or getattr(site, "nodes", ()))
 
 
+def _passes_through(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` is ``node`` scaled, cast or cloned: the same product, carried on."""
+    scaled = as_scale(user)
+    return ((scaled is not None and scaled[0] is node) or (cast_dtype(user) is not None and user.args[0] is node)
+            or strip_noop(user)[0] is node)
+
+
 def _single_use_end(node: fx.Node) -> tuple[fx.Node, list]:
     """Follows ``node`` through single-use scales, casts and clones: (last node, its users)."""
     while True:
         users = [u for u in node.users if not is_metadata_assert(u)]
-        if len(users) != 1:
+        if len(users) != 1 or not _passes_through(users[0], node):
             return node, users
-        user = users[0]
-        scaled = as_scale(user)
-        is_cast = cast_dtype(user) is not None and user.args[0] is node
-        if (scaled is not None and scaled[0] is node) or is_cast or strip_noop(user)[0] is node:
-            node = user
-            continue
-        return node, users
+        node = users[0]
 
 
 def _reaches(node: fx.Node, names: set, depth: int = 8) -> bool:
@@ -402,9 +403,7 @@ def _reaches(node: fx.Node, names: set, depth: int = 8) -> bool:
             for user in cur.users:
                 if user.name in names:
                     return True
-                scaled = as_scale(user)
-                if ((scaled is not None and scaled[0] is cur) or (cast_dtype(user) is not None and user.args[0] is cur)
-                        or strip_noop(user)[0] is cur):
+                if _passes_through(user, cur):
                     step.append(user)
         if not step:
             return False
@@ -432,11 +431,6 @@ def _why_unmatched(node: fx.Node) -> str:
     return f"it feeds {getattr(user.target, '__name__', user.target)} ({user.name}), not an add to a base linear's output"
 
 
-def _is_identity(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
-        torch.eye, torch.ops.aten.eye.default)
-
-
 def find_unmatched_products(graph: fx.Graph, sites: list, rejections: list) -> list[Rejection]:
     """A Rejection for every LoRA-shaped product (``lora_shaped``) of ``graph`` that no site
     consumes and no rejection already explains (by the add it feeds), with the reason.
@@ -451,7 +445,7 @@ def find_unmatched_products(graph: fx.Graph, sites: list, rejections: list) -> l
         if node in covered or node.name in explained:
             continue
         shaped = lora_shaped(node)
-        if shaped is None or _is_identity(strip_noop(shaped[0].x)[0]):
+        if shaped is None or is_call(strip_noop(shaped[0].x)[0], EYE_FNS):
             continue
         if any((view := as_linear(u)) is not None and node in view.nodes for u in node.users):
             continue  # the mm inside view(mm(...)) of the decomposed IR: its view is the product

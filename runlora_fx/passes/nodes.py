@@ -19,6 +19,7 @@ __all__ = [
     "ADD_FNS",
     "ADDMM_FNS",
     "CAST_FNS",
+    "EYE_FNS",
     "LINEAR_FNS",
     "LinearView",
     "MATMUL_FNS",
@@ -47,6 +48,7 @@ MUL_FNS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Sca
 VIEW_FNS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape}
 _VIEW_METHODS = {"view", "reshape"}
 CAST_FNS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+EYE_FNS = {torch.eye, aten.eye.default}
 _METHOD_DTYPES = {"float": torch.float32, "bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}
 
 

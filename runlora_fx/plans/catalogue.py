@@ -42,6 +42,7 @@ __all__ = [
     "BACKWARD_PLANS",
     "forward_plan",
     "backward_plan",
+    "merged_weight_for_backward",
     "n",
     "i",
     "o",
@@ -181,6 +182,19 @@ def _merged_weight(weight, lora_A, lora_B, scaling):
     return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
 
 
+def merged_weight_for_backward(weight, lora_A, lora_B, scaling):
+    """W + s·B·A for a merged dX = dY (W + sBA), spelled (Wᵀ + s·AᵀBᵀ)ᵀ.
+
+    The same sum and products as the forward's ``addmm(W, B, A, alpha=s)``, written transposed
+    so that a traced joint graph's CSE cannot fold the backward's copy into forward2's: folded,
+    the partitioner would keep that o×i weight for backward (one per site, ~0.9 GiB on the H200
+    step of BENCHMARKS.md) instead of recomputing it from W, A and B at the 2·i·r·o FLOPs the
+    plan's count already assumes. Every merged backward (the op, the lowered chain, sibling
+    groups, DoRA) forms its merged weight here.
+    """
+    return torch.addmm(weight.t(), lora_A.t(), lora_B.t(), alpha=scaling).t()
+
+
 def _forward2(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
     """Y = X (W + s B A)ᵀ + b."""
     return F.linear(x, _merged_weight(weight, lora_A, lora_B, scaling), bias)
@@ -248,7 +262,7 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
         # weight may be None when dX is not needed (a quantized base is then not dequantized).
         g_base = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
         if plan.dx == "merged":
-            grad_x = torch.mm(g_base, _merged_weight(weight, lora_A, lora_B, scaling))
+            grad_x = torch.mm(g_base, merged_weight_for_backward(weight, lora_A, lora_B, scaling))
         else:
             base = torch.mm(g_base, weight)
             lora_part = torch.mm(zs, lora_A)

@@ -186,13 +186,7 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora,
     g = magnitude / c
     grad_v = grad_y * g
     bplan = resolve_plan(backward, grad_y.shape[0], "backward")
-    merged_dx = needs.x and bplan.merged
-    gx, gxl, ga, gb = bplan.run(grad_v, x_v, weight, lora_A, lora_B, scaling, xl_v, None,
-                                dataclasses.replace(needs, x=False) if merged_dx else needs)
-    if merged_dx:
-        # dX = G (W + sBA), spelled (Wᵀ + s AᵀBᵀ)ᵀ so that a traced graph's CSE cannot fold it
-        # into the forward's W + sBA and save that o×i weight for backward.
-        gx = torch.mm(grad_v, torch.addmm(weight.t(), lora_A.t(), lora_B.t(), alpha=scaling).t())
+    gx, gxl, ga, gb = bplan.run(grad_v, x_v, weight, lora_A, lora_B, scaling, xl_v, None, needs)
     if form == "peft" and x_lora is not None:
         # rest = (X − X_l) Wᵀ: dX = dY W, and v read X_l: dX_l = dX_l(v) − dY W
         gxl = None
