@@ -253,9 +253,15 @@ class Prepared:
     keep: tuple
 
 
+def model_spec(name: str, args: argparse.Namespace) -> ModelSpec:
+    """The table's spec, with ``--vocab`` applied (a 32000-wide head can dominate a small CPU step)."""
+    spec = MODELS[name]
+    return dataclasses.replace(spec, vocab=args.vocab) if getattr(args, "vocab", None) else spec
+
+
 def prepare_mode(name: str, mode: str, args: argparse.Namespace) -> Prepared:
     """Builds the model for one mode, compiles it and warms it up (nothing timed yet)."""
-    spec, dtype = MODELS[name], common.DTYPES[args.dtype]
+    spec, dtype = model_spec(name, args), common.DTYPES[args.dtype]
     gc.collect()
     before = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else None  # other modes, leftovers
     model = build_base(spec, layers=args.layers, seq=args.seq, dtype=dtype, device=args.device)
@@ -360,6 +366,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024; 128 with --quick)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, help="override the model's layer count")
+    parser.add_argument("--vocab", type=int, help="override the model's vocabulary (the LM head's width)")
     parser.add_argument("--no-optimizer", action="store_true", help="forward + backward only (RunLoRA's F-B loop)")
     parser.add_argument("--quick", action="store_true", help=f"CPU smoke size: {QUICK_MODEL}, B=2, S=128")
     parser.add_argument("--inner", choices=["inductor", "aot_eager"], default="inductor",

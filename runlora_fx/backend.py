@@ -50,8 +50,8 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
         on_report: called with each graph's RewriteReport.
         options, **option_fields: the pass's settings, a ``RewriteOptions`` and/or its fields
             (criterion=, allow_merged=, forward_plan=, backward_plan=, device_model=,
-            time_budget_s=, tuner=, rewrite_4bit=). For "time", one tuner (and its time budget)
-            serves every graph of this backend.
+            time_budget_s=, tuner=, rewrite_4bit=, group_siblings=, save_lora_product=). For "time",
+            one tuner (and its time budget) serves every graph of this backend.
         mode, inductor_options: inductor's ``mode`` ("max-autotune-no-cudagraphs", ...) and
             config dict, as ``torch.compile(mode=, options=)`` takes them for "inductor";
             checked here with inductor's own messages. ``torch.compile(backend=make_backend(...),
@@ -69,6 +69,8 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
     if lowering is not None and lowering not in LOWERINGS:
         raise ValueError(f"runlora: lowering={lowering!r}, expected one of {LOWERINGS} or None")
     rewrite_options = tuner_for(RewriteOptions.build(options, **option_fields))
+    if lowering == "opaque" or inner == "eager":  # the op itself keeps only its inputs: X_l·Aᵀ is recomputed
+        rewrite_options = RewriteOptions.build(rewrite_options, save_lora_product=False)
     make_peft_dora_traceable()  # before Dynamo traces: peft's DoRA would graph-break (passes/dora.py)
     base_patches = inductor_config_patches(mode, inductor_options)
     reports = []
@@ -102,14 +104,15 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
             return gm.forward
         if inner == "aot_eager":
             if lowered:
-                lower_runlora_ops(gm)
+                lower_runlora_ops(gm, save_lora_product=rewrite_options.save_lora_product)
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)
         from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
         if lowered:  # as inductor's pre-grad pass, after the cache lookup: the caches key on the op
             patches["pre_grad_custom_pass"] = with_pre_grad_pass(
-                patches.get("pre_grad_custom_pass", config.pre_grad_custom_pass), LowerRunLoRAOps())
+                patches.get("pre_grad_custom_pass", config.pre_grad_custom_pass),
+                LowerRunLoRAOps(rewrite_options.save_lora_product))
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.reports = reports

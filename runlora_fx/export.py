@@ -47,7 +47,8 @@ def rewrite_exported_program(ep: torch.export.ExportedProgram, options: Optional
         ``ep`` itself, with ``ep.runlora_report`` set to the RewriteReport.
     """
     _mark_parameters(ep)
-    options = RewriteOptions.build(options, **option_fields)
+    # the program keeps the opaque op, which recomputes X_l·Aᵀ: report and price it so
+    options = RewriteOptions.build(options, **{**option_fields, "save_lora_product": False})
     if options.rewrite_4bit is None:
         options = RewriteOptions.build(options, rewrite_4bit=True)
     report: RewriteReport = rewrite(ep.graph_module, options, graph_name=graph_name)

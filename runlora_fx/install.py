@@ -79,13 +79,16 @@ class LowerRunLoRAOps(custom_graph_pass_base()):
         y = runlora_fx.passes.lower.lowered_lora_linear(x, W, b, A, B, 2.0, None, None, 'forward2', 'backward5')
     """
 
+    def __init__(self, save_lora_product: Optional[bool] = None):
+        self.save_lora_product = save_lora_product
+
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         if gm is not None:
-            lower_runlora_ops(gm)
+            lower_runlora_ops(gm, save_lora_product=self.save_lora_product)
 
     def uuid(self) -> str:
-        return f"runlora_fx-lower;{__version__};{source_fingerprint()}"
+        return f"runlora_fx-lower;{__version__};{source_fingerprint()};save_lora_product={self.save_lora_product}"
 
 
 class RunLoRAPass(LowerRunLoRAOps):
@@ -113,6 +116,7 @@ class RunLoRAPass(LowerRunLoRAOps):
 
     def __init__(self, options: RewriteOptions, *, dump_dir: Optional[str] = None,
                  on_report: Optional[Callable] = None):
+        super().__init__(options.save_lora_product)
         self.options = tuner_for(options)
         self.dump_dir = dump_dir
         self.on_report = on_report
@@ -123,7 +127,7 @@ class RunLoRAPass(LowerRunLoRAOps):
         if gm is None:
             return
         rewrite_and_report(gm, self.options, self.reports, dump_dir=self.dump_dir, on_report=self.on_report)
-        lower_runlora_ops(gm)
+        lower_runlora_ops(gm, save_lora_product=self.save_lora_product)
 
     def uuid(self) -> str:
         return f"runlora_fx-pass;{__version__};{source_fingerprint()};{self.options.key()}"

@@ -93,6 +93,10 @@ class RewriteOptions:
         group_siblings: compute sites that read the same x (q/k/v, gate/up) as one
             ``runlora.lora_linear_group`` (``passes/group.py``); None: where the cost model
             (``choose/group.py``: bytes and launches saved, FLOPs equal) says it saves time.
+        save_lora_product: in the lowered chain, keep forward1's n×r X_l·Aᵀ for dB instead of
+            recomputing it from X_l (``choose/lora_product.py``); None: where it holds at most
+            1/8 of the bytes of x the site saves anyway; False: never (the op's contract). The
+            opaque op always recomputes.
     """
 
     criterion: str = "flops"
@@ -104,6 +108,7 @@ class RewriteOptions:
     tuner: Any = None
     rewrite_4bit: Optional[bool] = None
     group_siblings: Optional[bool] = None
+    save_lora_product: Optional[bool] = None
 
     def __post_init__(self):
         check_criterion(self.criterion)
@@ -148,4 +153,4 @@ class RewriteOptions:
         model = getattr(model, "name", model)
         return (f"criterion={self.criterion};allow_merged={self.allow_merged};forward={self.forward_plan};"
                 f"backward={self.backward_plan};device_model={model};rewrite_4bit={self.rewrite_4bit};"
-                f"group_siblings={self.group_siblings}")
+                f"group_siblings={self.group_siblings};save_lora_product={self.save_lora_product}")

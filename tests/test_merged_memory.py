@@ -96,35 +96,3 @@ def test_the_probe_sees_a_saved_merged_weight():
     x = torch.randn(N, I, requires_grad=True)
     _, saved = compile_and_step(MergedByHand(torch.float32), x, "inductor")
     assert (O, I) in saved or (I, O) in saved, saved
-
-
-@pytest.mark.parametrize("group_siblings", [False, True])
-def test_lowered_split_backward_saves_no_x_times_a(group_siblings):
-    # backward1 recomputes X·Aᵀ for dB; the joint graph must not fold it into the forward's
-    # X·Aᵀ and keep that n×r tensor (the pass reports x@A as never saved).
-    torch.manual_seed(0)
-
-    class Siblings(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k = LoraLayer(torch.float32), LoraLayer(torch.float32)
-
-        def forward(self, x):
-            return self.q(x) + self.k(x)
-
-    model = Siblings()
-    x = torch.randn(N, I, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    (model(x_ref) ** 2).sum().backward()
-    expected = [x_ref.grad] + [p.grad for p in model.parameters() if p.requires_grad]
-    model.zero_grad()
-    backend = runlora_fx.make_backend(forward_plan="forward1", backward_plan="backward1",
-                                      group_siblings=group_siblings)
-    _, saved = compile_and_step(model, x, backend)
-
-    assert sum(len(r.sites) for r in backend.reports) == 2
-    assert saved, "no forward graph seen"
-    assert not [s for s in saved if s in ((N, R), (N, 2 * R))], saved
-    got = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
-    for g, want in zip(got, expected):
-        torch.testing.assert_close(g, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)

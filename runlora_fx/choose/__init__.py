@@ -2,6 +2,7 @@
 
     flops.py      criterion="flops": sympy FLOPs of every plan; piecewise in a symbolic n
     roofline.py   criterion="roofline": FLOPs, bytes moved and launches per kernel on a device model
+    lora_product.py  keep forward1's X_l·Aᵀ for dB or recompute it (the lowered chain's choice)
     measure.py    criterion="time": each pair timed on the device, cached on disk (``Autotuner``)
     select.py     ``choose`` / ``choose_for``: one entry point for the three; ``SiteFacts``
 

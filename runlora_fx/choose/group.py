@@ -6,6 +6,8 @@ k sites that read the same x (q/k/v, gate/up) each re-read x in their thin GEMMs
     forward   X_l·A_jᵀ (k_f GEMMs)   -> X_l·[A_1;…]ᵀ          + one cat of the A's
     backward  (s_jZ_j)ᵀ·X_l (k_A)     -> [s_1Z_1|…]ᵀ·X_l        + one cat of the Z's
               X_l·A_jᵀ recomputed (k_B) -> X_l·[A_1;…]ᵀ          + one cat of the A's
+                (members whose lowered chain keeps X_l·A_jᵀ keep their columns of the forward's
+                XA_cat instead: nothing to share there)
               s_jZ_j·A_j, dX += (k_s)   -> [s_1Z_1|…]·[A_1;…], one += + cats of Z's and A's
               dX = Σ_j dY_j·W_j          accumulated by addmm, not k - 1 separate adds
               cast(X) to the adapter dtype once per pass, not once per member
@@ -40,6 +42,7 @@ class GroupMember:
     backward_plan: str
     needs_a: bool = True
     needs_b: bool = True
+    keeps_product: bool = False  # the lowered chain keeps its X_l·Aᵀ (choose/lora_product.py): no recompute to share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class GroupCost:
         launches_saved: net kernels.
         flops_delta: grouped FLOPs minus the members' own: 0 by construction.
         terms: {term: (bytes, launches)} per line of the module docstring, for reports.
+        dtype: the adapter dtype, whose peak prices ``flops_delta``.
     """
 
     members: int
@@ -59,13 +63,16 @@ class GroupCost:
     launches_saved: int
     flops_delta: int = 0
     terms: dict = dataclasses.field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
 
     def seconds_saved(self, model: DeviceModel) -> float:
-        return self.bytes_saved / model.bandwidth + self.launches_saved * model.launch_s
+        flops_s = self.flops_delta / model.peak(self.dtype) if self.flops_delta else 0.0
+        return self.bytes_saved / model.bandwidth + self.launches_saved * model.launch_s - flops_s
 
     def describe(self, model: DeviceModel) -> str:
+        flops = f"{self.flops_delta / 1e9:+.2f} GFLOP" if self.flops_delta else "same FLOPs"
         return (f"saves {self.bytes_saved / 2**20:.2f} MiB and {self.launches_saved} launches "
-                f"(est. {self.seconds_saved(model) * 1e6:.1f} us on {model.name}), same FLOPs")
+                f"(est. {self.seconds_saved(model) * 1e6:.1f} us on {model.name}), {flops}")
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -99,13 +106,19 @@ def price_group(n: int, i: int, members: Sequence[GroupMember], *, dtype: torch.
     a_users = [m for m in live if m.needs_a]
     shared_read("backward dA = Zᵀ·X_l", a_users, 2 * n * sum(m.r for m in a_users) * e_a, 1)
     b_users = [m for m in live if m.needs_b]
-    shared_read("backward X_l·Aᵀ (recomputed)", b_users, 2 * sum(m.r for m in b_users) * i * e_a, 1)
+    recomputing = [m for m in b_users if not m.keeps_product]
+    shared_read("backward X_l·Aᵀ (recomputed)", recomputing, 2 * sum(m.r for m in recomputing) * i * e_a, 1)
+    flops_delta = 0  # members that keep X_l·Aᵀ keep it grouped too (their columns of XA_cat): no term
     if needs_x:
         split = [m for m, p in zip(live, plans) if p.dx == "split"]
         if len(split) >= 2:
             r_s = sum(m.r for m in split)
-            # each member wrote its n×i dX_l and added it; grouped: one write, one add, two cats
-            saved = (len(split) - 1) * n * i * (e_a + 3 * e_x)
+            if e_a == e_x and not separate_lora_input:
+                # each member accumulated s·Z·A into its dX by addmm (reads and writes n×i);
+                # grouped: one addmm, two cats
+                saved = (len(split) - 1) * 2 * n * i * e_x
+            else:  # each member wrote its n×i dX_l and added it; grouped: one write, one add, two cats
+                saved = (len(split) - 1) * n * i * (e_a + 3 * e_x)
             terms["backward dX_l = Z·A"] = (saved - 2 * (n * r_s + r_s * i) * e_a, 2 * (len(split) - 1) - 2)
         if len(live) >= 2:  # k - 1 separate dX adds (3 n·i each) -> addmm reads dX once more
             terms["backward dX = Σ dY·W"] = ((len(live) - 1) * 2 * n * i * e_x, len(live) - 1)
@@ -114,7 +127,8 @@ def price_group(n: int, i: int, members: Sequence[GroupMember], *, dtype: torch.
         if casts > 0:
             terms["cast(X)"] = (casts * n * i * (e_x + e_a), casts)
     return GroupCost(members=len(live), bytes_saved=int(sum(b for b, _ in terms.values())),
-                     launches_saved=int(sum(c for _, c in terms.values())), terms=terms)
+                     launches_saved=int(sum(c for _, c in terms.values())), flops_delta=flops_delta, terms=terms,
+                     dtype=adapter_dtype or dtype)
 
 
 def should_group(cost: GroupCost, model: DeviceModel) -> bool:

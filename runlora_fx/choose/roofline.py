@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 import sympy
 import torch
 
-from ..plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, PiecewisePlan, i, n, o, r
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, PiecewisePlan, e_a, e_x, e_y, i, n, o, r
 from .flops import applicable_plans
 from .measure import seconds_once
 
@@ -61,7 +61,6 @@ __all__ = [
 
 log = logging.getLogger("runlora_fx.roofline")
 
-e_x, e_a, e_y = sympy.symbols("e_x e_a e_y", positive=True, integer=True)
 has_bias = sympy.Symbol("has_bias", nonnegative=True, integer=True)
 
 
@@ -261,21 +260,20 @@ KERNELS: dict[str, Kernel] = dict([
     _k("G_l = cast(G)", 0, n * o * (e_y + e_a)),
     _k("G_b = cast(G)", 0, n * o * (e_y + e_x)),
     _k("Z = G·B", 2 * n * o * r, (n * o + o * r + n * r) * e_a),
-    _k("Z ·= s", 0, 2 * n * r * e_a),
     _k("T = X_lᵀ·G", 2 * i * n * o, (n * i + n * o + i * o) * e_a),
     _k("dX = G·W'", 2 * n * o * i, (n * o + o * i + n * i) * e_x, "base"),
     _k("dX = G·W", 2 * n * o * i, (n * o + o * i + n * i) * e_x, "base"),
     _k("dX_l = sZ·A", 2 * n * r * i, (n * r + r * i + n * i) * e_a),
     _k("dX_l = cast(dX_l)", 0, n * i * (e_a + e_x)),
     _k("dX += dX_l", 0, 3 * n * i * e_x),
-    _k("dA = (sZ)ᵀ·X_l", 2 * r * n * i, (n * r + n * i + r * i) * e_a),
-    _k("sBᵀ", 0, 2 * o * r * e_a),
-    _k("dA = sBᵀ·Tᵀ", 2 * r * o * i, (o * r + i * o + r * i) * e_a),
-    _k("XA = X_l·Aᵀ (recomputed)", 2 * n * i * r, (n * i + r * i + n * r) * e_a),
-    _k("XA ·= s", 0, 2 * n * r * e_a),
+    _k("dX = addmm(dX, Z, A, alpha=s)", 2 * n * r * i, (n * r + r * i) * e_a + 2 * n * i * e_x),
+    _k("dA = s·Zᵀ·X_l", 2 * r * n * i, (n * r + n * i + r * i) * e_a),
+    _k("dA = s·Bᵀ·Tᵀ", 2 * r * o * i, (o * r + i * o + r * i) * e_a),
+    _k("sA", 0, 2 * r * i * e_a),
+    _k("sXA = X_l·(sA)ᵀ (recomputed)", 2 * n * i * r, (n * i + r * i + n * r) * e_a),
     _k("dB = Gᵀ·sXA", 2 * o * n * r, (n * o + n * r + o * r) * e_a),
-    _k("sAᵀ", 0, 2 * r * i * e_a),
-    _k("dB = Tᵀ·sAᵀ", 2 * o * i * r, (i * o + i * r + o * r) * e_a),
+    _k("dB = s·Gᵀ·XA (kept)", 2 * o * n * r, (n * o + n * r + o * r) * e_a),
+    _k("dB = s·Tᵀ·Aᵀ", 2 * o * i * r, (i * o + i * r + o * r) * e_a),
 ])
 
 
@@ -322,28 +320,40 @@ def forward_kernels(plan: str, layout: Layout = Layout()) -> list[Kernel]:
     return [KERNELS[k] for k in names]
 
 
-def backward_kernels(plan: str, needs: Needs = Needs(), layout: Layout = Layout()) -> list[Kernel]:
-    """The kernels of a backward plan for the needed gradients (see ``plans._run_backward``)."""
+def backward_kernels(plan: str, needs: Needs = Needs(), layout: Layout = Layout(), *,
+                     keeps_lora_product: bool = False) -> list[Kernel]:
+    """The kernels of a backward plan for the needed gradients (see ``plans._run_backward``).
+
+    ``keeps_lora_product``: X_l·Aᵀ comes from the forward (``CHAIN_RECORDS["keep_lora_product"]``).
+    """
     p: BackwardPlan = BACKWARD_PLANS[plan]
     uses_z = (needs.x and p.dx == "split") or (needs.lora_A and p.da == "z")
     uses_t = (needs.lora_A and p.da == "t") or (needs.lora_B and p.db == "t")
     names = []
     names += ["X_l = cast(X)"] if layout.lora_dtype != layout.dtype else []
     names += ["G_l = cast(G)"] if layout.out_dtype != layout.lora_dtype else []
-    names += ["Z = G·B", "Z ·= s"] if uses_z else []
+    names += ["Z = G·B"] if uses_z else []
     names += ["T = X_lᵀ·G"] if uses_t else []
     if needs.x:
         names += ["G_b = cast(G)"] if layout.out_dtype != layout.dtype else []
         if p.dx == "merged":
             names += ["W' = W + s·B·A", "dX = G·W'"]
         else:
-            names += ["dX = G·W", "dX_l = sZ·A"]
-            names += ["dX_l = cast(dX_l)"] if layout.lora_dtype != layout.dtype else []
-            names += [] if layout.separate_lora_input else ["dX += dX_l"]  # else returned apart
+            names += ["dX = G·W"]
+            if layout.separate_lora_input:  # dX_l returned apart
+                names += ["dX_l = sZ·A"] + (["dX_l = cast(dX_l)"] if layout.lora_dtype != layout.dtype else [])
+            elif layout.lora_dtype != layout.dtype:
+                names += ["dX_l = sZ·A", "dX_l = cast(dX_l)", "dX += dX_l"]
+            else:
+                names += ["dX = addmm(dX, Z, A, alpha=s)"]  # accumulate_in_gemm
     if needs.lora_A:
-        names += ["dA = (sZ)ᵀ·X_l"] if p.da == "z" else ["sBᵀ", "dA = sBᵀ·Tᵀ"]
+        names += ["dA = s·Zᵀ·X_l"] if p.da == "z" else ["dA = s·Bᵀ·Tᵀ"]
     if needs.lora_B:
-        names += ["XA = X_l·Aᵀ (recomputed)", "XA ·= s", "dB = Gᵀ·sXA"] if p.db == "xa" else ["sAᵀ", "dB = Tᵀ·sAᵀ"]
+        if p.db == "xa":
+            names += (["dB = s·Gᵀ·XA (kept)"] if keeps_lora_product
+                      else ["sA", "sXA = X_l·(sA)ᵀ (recomputed)", "dB = Gᵀ·sXA"])
+        else:
+            names += ["dB = s·Tᵀ·Aᵀ"]
     return [KERNELS[k] for k in names]
 
 

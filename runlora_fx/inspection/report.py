@@ -20,6 +20,11 @@ Values at the size hint are null when a size is symbolic and no hint is known.
 Keys added after version 1 first shipped (the version is unchanged: readers of the first
 keys are unaffected):
 
+- ``sites[].lora_product``: what the lowered chain does with X_l·Aᵀ for dB ("kept: ...",
+  "recomputed: ...", or why the plans never read it), and ``sites[].lora_product_bytes``: the
+  bytes it keeps from forward to backward (0 when recomputed; the opaque op always
+  recomputes); ``totals.lora_product_bytes`` sums them.
+
 - ``sites[].criterion``: what chose this site's plans: "flops", "roofline", "time" or
   "fixed" (forced plans). It can differ from the graph's ``criterion`` (what was asked):
   with "time", a site that was not measured (time budget spent, measuring failed) reads
@@ -84,6 +89,10 @@ class SiteReport:
     kind: str = "lora"  # "dora": a DoRA layer (runlora.dora_linear, passes/dora.py)
     norm_plan: Optional[str] = None  # DoRA: how the row norms are computed (plans/dora.py)
     dora_form: Optional[str] = None  # DoRA: "peft" or "torchtune" (where the bias and dropout go)
+    # The lowered chain's X_l·Aᵀ for dB: kept from forward1 or recomputed, and why
+    # (choose/lora_product.py); the bytes it keeps from forward to backward (the opaque op keeps 0).
+    lora_product: Optional[str] = None
+    lora_product_bytes: Optional[int] = None
 
     @property
     def flops_saved_pct(self) -> Optional[float]:
@@ -130,6 +139,7 @@ class RewriteReport:
             "plans": self.plan_counts(),
             "criteria": dict(collections.Counter(s.criterion for s in self.sites)),
             "groups": len(self.groups()),
+            "lora_product_bytes": sum(s.lora_product_bytes or 0 for s in self.sites),
         }
 
     def groups(self) -> list:
@@ -153,6 +163,9 @@ class RewriteReport:
             line += "; chosen by " + ", ".join(f"{k}: {v}" for k, v in sorted(t["criteria"].items()))
         if t["groups"]:
             line += f"; {t['groups']} sibling groups ({sum(1 for s in self.sites if s.group)} sites)"
+        kept = sum(1 for s in self.sites if s.lora_product_bytes)
+        if kept:
+            line += f"; x·Aᵀ kept for dB at {kept} sites when lowered (+{_bytes(t['lora_product_bytes'])})"
         return line
 
     def to_dict(self) -> dict:
@@ -182,6 +195,9 @@ class RewriteReport:
         grouped = any(s.group for s in self.sites)
         if grouped:
             head.append("group")
+        kept = any(s.lora_product_bytes for s in self.sites)
+        if kept:
+            head.append("x·Aᵀ kept (lowered)")
         rows = []
         for s in self.sites:
             rows.append([
@@ -191,7 +207,8 @@ class RewriteReport:
                 f"{s.forward_plan} / {s.backward_plan}" + (f" / {s.norm_plan} (DoRA)" if s.kind == "dora" else ""),
                 "-" if s.flops_saved_pct is None else f"{s.flops_saved_pct:.1f}%",
                 "-" if s.activation_bytes_saved is None else _bytes(s.activation_bytes_saved),
-            ] + ([_chosen_by(s)] if by else []) + ([s.group.split(":")[0] if s.group else "-"] if grouped else []))
+            ] + ([_chosen_by(s)] if by else []) + ([s.group.split(":")[0] if s.group else "-"] if grouped else [])
+              + ([_bytes(s.lora_product_bytes) if s.lora_product_bytes else "-"] if kept else []))
         return head, rows
 
     def _group_lines(self) -> list:

@@ -111,10 +111,13 @@ def _cat_cols(tensors: list) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
-def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans) -> list:
+def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans,
+                      with_product: bool = False):
     """The members' outputs on 2-D x (n × i); ``fplans`` resolved plan names, one per member.
 
     # XA_cat = X_l [A_1; …; A_k]ᵀ over the forward1 members; Y_j = X W_jᵀ + b_j + s_j XA_j B_jᵀ
+
+    ``with_product``: return (outputs, {member: its X_l·A_jᵀ}) for a chain that keeps them.
     """
     split = [j for j, name in enumerate(fplans) if not FORWARD_PLANS[name].merged]
     xa = {}
@@ -131,15 +134,16 @@ def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adap
         base = torch.nn.functional.linear(x2, w, b)
         out_dtype = torch.promote_types(base.dtype, xa[j].dtype)
         outs.append(torch.addmm(base.to(out_dtype), xa[j], bb.t(), alpha=s))
-    return outs
+    return (outs, xa) if with_product else outs
 
 
 def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adapter_dtype, bplans, needs_x: bool,
-                       needs_a: Sequence[bool], needs_b: Sequence[bool]):
+                       needs_a: Sequence[bool], needs_b: Sequence[bool], lora_products: Optional[dict] = None):
     """(dX, dX_l, [dA_j], [dB_j]) on 2-D tensors; None where not needed.
 
     ``grads`` are the members' dY_j (n × o_j; None for an output nobody used, read as zero).
     dX_l is separate only when x_lora is given (dropout); else its part is inside dX.
+    ``lora_products``: {member: X_l·A_jᵀ} kept from the forward; the others' are recomputed.
 
     # sZ_j = s_j dY_j B_j;  dA_cat = [sZ_j]ᵀ X_l;  dB_j = dY_jᵀ (s_j XA_j), XA_cat recomputed once
     # dX = Σ_j dY_j W_j (or dY_j (W_j + s_j B_j A_j) when merged) + [sZ_j | split] [A_j | split]
@@ -151,7 +155,7 @@ def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adap
     g_lora = {j: grads[j] if grads[j].dtype == lora_Bs[j].dtype else grads[j].to(lora_Bs[j].dtype) for j in live}
     dx_split = [j for j in live if needs_x and plans[j].dx == "split"]
     z_users = [j for j in live if needs_a[j] or j in dx_split]
-    zs = {j: torch.mm(g_lora[j], lora_Bs[j]).mul_(scalings[j]) for j in z_users}
+    zs = {j: torch.mm(g_lora[j], lora_Bs[j] * scalings[j]) for j in z_users}  # s on o×r, not n×r
 
     grad_a: list = [None] * k
     grad_b: list = [None] * k
@@ -160,7 +164,10 @@ def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adap
         da_cat = torch.mm(_cat_cols([zs[j] for j in a_members]).t(), xl)
         for j, da in zip(a_members, torch.split(da_cat, [lora_As[j].shape[0] for j in a_members], dim=0)):
             grad_a[j] = da
-    b_members = [j for j in live if needs_b[j]]
+    kept = lora_products or {}
+    for j in [j for j in live if needs_b[j] and j in kept]:
+        grad_b[j] = torch.addmm(lora_Bs[j], g_lora[j].t(), kept[j], beta=0, alpha=scalings[j])  # s_j·dY_jᵀ·XA_j
+    b_members = [j for j in live if needs_b[j] and j not in kept]
     if b_members:
         # X_l [s_1 A_1; …]ᵀ recomputed, never saved; scaled, so no CSE folds it into the forward's XA_cat
         xa_cat = torch.mm(xl, _cat_rows([lora_As[j] * scalings[j] for j in b_members]).t())
@@ -183,11 +190,13 @@ def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adap
         if grad_x is None:
             grad_x = x2.new_zeros(x2.shape)
         if dx_split:
-            lora_part = torch.mm(_cat_cols([zs[j] for j in dx_split]), _cat_rows([lora_As[j] for j in dx_split]))
+            z_cat, a_cat = _cat_cols([zs[j] for j in dx_split]), _cat_rows([lora_As[j] for j in dx_split])
             if xl2 is not None:
-                grad_xl = lora_part.to(xl2.dtype)
+                grad_xl = torch.mm(z_cat, a_cat).to(xl2.dtype)
+            elif z_cat.dtype == grad_x.dtype:
+                grad_x = torch.addmm(grad_x, z_cat, a_cat)  # accumulate_in_gemm
             else:
-                grad_x = grad_x + lora_part.to(grad_x.dtype)
+                grad_x = grad_x + torch.mm(z_cat, a_cat).to(grad_x.dtype)
         elif xl2 is not None:
             grad_xl = xl2.new_zeros(xl2.shape)
     return grad_x, grad_xl, grad_a, grad_b

@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from .._compat import size_hint
 from ..choose.group import GroupCost, GroupMember, price_group, should_group
+from ..choose.lora_product import keeps_lora_product
 from ..choose.roofline import resolve_device_model
 from ..ops.group import GROUPABLE_BACKWARD, join_plans
 from ..options import RewriteOptions
@@ -96,10 +97,12 @@ def _inputs(site: LoraSite) -> list:
     return [n for n in nodes if isinstance(n, fx.Node)]
 
 
-def _member(site: LoraSite, choice, n_value: int) -> GroupMember:
-    return GroupMember(o=site.o, r=site.r, forward_plan=choice.forward.at(n_value),
-                       backward_plan=choice.backward.at(n_value), needs_a=site.needs.lora_A,
-                       needs_b=site.needs.lora_B)
+def _member(site: LoraSite, choice, n_value: int, options: RewriteOptions) -> GroupMember:
+    forward, backward = choice.forward.at(n_value), choice.backward.at(n_value)
+    keeps = keeps_lora_product(forward, backward, site.needs, n_value, site.i, site.r, dtype=site.dtype,
+                               adapter_dtype=site.adapter_dtype, policy=options.save_lora_product).keep
+    return GroupMember(o=site.o, r=site.r, forward_plan=forward, backward_plan=backward, needs_a=site.needs.lora_A,
+                       needs_b=site.needs.lora_B, keeps_product=keeps)
 
 
 def _n_value(site: LoraSite) -> Optional[int]:
@@ -173,7 +176,7 @@ def _priced(sites, choices, chosen, options, notes) -> Optional[SiteGroup]:
     n_value = _n_value(first)
     cost = None
     if n_value is not None:
-        cost = price_group(n_value, first.i, [_member(sites[j], choices[j], n_value) for j in chosen],
+        cost = price_group(n_value, first.i, [_member(sites[j], choices[j], n_value, options) for j in chosen],
                            dtype=first.dtype, adapter_dtype=first.adapter_dtype, needs_x=first.needs.x,
                            separate_lora_input=first.separate_lora_input)
     if options.group_siblings:

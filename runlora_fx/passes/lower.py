@@ -33,7 +33,8 @@ from .._compat import size_hint
 from .. import ops  # noqa: F401  registers torch.ops.runlora.*
 from ..ops.group import run_group_backward, run_group_forward, split_plans
 from ..ops.quantized import nf4_parts
-from ..plans import Needs, resolve_plan
+from ..choose.lora_product import keeps_lora_product
+from ..plans import Needs, forward1_with_lora_product, resolve_plan
 from ..plans.dora import dora_backward, dora_forward
 from .subgraphs import region_bodies
 
@@ -74,25 +75,43 @@ class _Packed4bit:
                                                  list(self.out_in), dtype, phase)
 
 
+def _keeps_product(ctx, x2, lora_A, x_lora, adapter_dtype, forward_plan, backward_plan, n_hint, policy) -> bool:
+    """Whether this call keeps X_l·Aᵀ for dB (``choose/lora_product.py``), decided at trace time."""
+    _, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
+    needs = Needs(x=bool(ctx.needs_input_grad[0] or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
+    return keeps_lora_product(resolve_plan(forward_plan, n_hint, "forward").name,
+                              resolve_plan(backward_plan, n_hint, "backward").name, needs, n_hint, x2.shape[1],
+                              lora_A.shape[0], dtype=x2.dtype, adapter_dtype=adapter_dtype, policy=policy).keep
+
+
 class _LoweredLoRA(torch.autograd.Function):
     """The plan's chain as an autograd.Function; ``weight`` (a ``_WeightTensor`` or ``_Packed4bit``)
-    turns ``*parts`` into W: in forward, and in backward only when dX is needed."""
+    turns ``*parts`` into W: in forward, and in backward only when dX is needed. Saves x, A, B,
+    x_lora and the weight's parts; and forward1's X_l·Aᵀ (n×r) where ``keeps_lora_product`` says
+    so, which dB then reads instead of recomputing it."""
 
     @staticmethod
-    def forward(ctx, x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan, weight,
-                *parts):
+    def forward(ctx, x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
+                save_lora_product, weight, *parts):
         o, i = weight.shape(*parts)
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
-        plan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward")
-        y = plan.run(x2, weight.materialize(parts, x.dtype, "forward"), bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
-        ctx.save_for_backward(x, lora_A, lora_B, x_lora, *parts)
+        n_hint = size_hint(x2.shape[0])
+        plan = resolve_plan(forward_plan, n_hint, "forward")
+        w = weight.materialize(parts, x.dtype, "forward")
+        product = None
+        if _keeps_product(ctx, x2, lora_A, x_lora, adapter_dtype, forward_plan, backward_plan, n_hint,
+                          save_lora_product):
+            y, product = forward1_with_lora_product(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
+        else:
+            y = plan.run(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
+        ctx.save_for_backward(x, lora_A, lora_B, x_lora, product, *parts)
         ctx.scaling, ctx.adapter_dtype, ctx.backward_plan, ctx.weight = scaling, adapter_dtype, backward_plan, weight
         return y.reshape(*x.shape[:-1], o)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, lora_A, lora_B, x_lora, *parts = ctx.saved_tensors
+        x, lora_A, lora_B, x_lora, product, *parts = ctx.saved_tensors
         need_x, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
         o, i = ctx.weight.shape(*parts)
         g2 = grad_y.reshape(-1, o)
@@ -100,7 +119,8 @@ class _LoweredLoRA(torch.autograd.Function):
         needs = Needs(x=need_x or need_xl, lora_A=need_a, lora_B=need_b)
         weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
         gx, gxl, ga, gb = plan.run(g2, x.reshape(-1, i), weight, lora_A, lora_B, ctx.scaling,
-                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs)
+                                   None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, needs,
+                                   lora_product=product)
         grads = (
             None if gx is None or not need_x else gx.reshape(x.shape), None,
             ga if need_a else None, gb if need_b else None,
@@ -110,22 +130,25 @@ class _LoweredLoRA(torch.autograd.Function):
 
 
 def lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
-                        forward_plan="forward1", backward_plan="backward1"):
-    """Same contract as ``torch.ops.runlora.lora_linear``, as traceable ATen calls."""
+                        forward_plan="forward1", backward_plan="backward1", *, save_lora_product=None):
+    """Same contract as ``torch.ops.runlora.lora_linear``, as traceable ATen calls.
+
+    ``save_lora_product``: keep forward1's X_l·Aᵀ for dB (None: ``choose.lora_product``'s rule)."""
     return _LoweredLoRA.apply(x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
-                              _WeightTensor(), weight)
+                              save_lora_product, _WeightTensor(), weight)
 
 
 def lowered_lora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling,
-                             x_lora=None, adapter_dtype=None, forward_plan="forward1", backward_plan="backward1"):
+                             x_lora=None, adapter_dtype=None, forward_plan="forward1", backward_plan="backward1", *,
+                             save_lora_product=None):
     """Same contract as ``torch.ops.runlora.lora_linear_4bit``, as traceable calls."""
     weight = _Packed4bit(quant_type, tuple(int(a) for a in quant_args), tuple(int(d) for d in shape))
     return _LoweredLoRA.apply(x, bias, lora_A, lora_B, x_lora, scaling, adapter_dtype, forward_plan, backward_plan,
-                              weight, *qtensors)
+                              save_lora_product, weight, *qtensors)
 
 
 def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapter_dtype=None,
-                    forward_plan="forward1", backward_plan="backward1"):
+                    forward_plan="forward1", backward_plan="backward1", *, save_lora_product=None):
     """The LoRA layer on a torchao ``NF4Tensor`` base (torchtune's QLoRA).
 
     NF4Tensor is a tensor subclass that dequantizes on ``.to(dtype)``; a torch.library op
@@ -134,24 +157,32 @@ def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, x_lora=None, adapt
     in forward, again in backward only for dX; save the NF4 weight, never its dequantized copy.
     """
     return lowered_lora_linear(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype,
-                               forward_plan, backward_plan)
+                               forward_plan, backward_plan, save_lora_product=save_lora_product)
 
 
-def lower_runlora_ops(gm: fx.GraphModule) -> int:
+def lower_runlora_ops(gm: fx.GraphModule, *, save_lora_product=None) -> int:
     """Replaces every runlora op node of ``gm`` and of its checkpointed/wrapped regions'
-    bodies (``subgraphs.py``) by its lowered form; returns the count."""
+    bodies (``subgraphs.py``) by its lowered form; returns the count.
+
+    ``save_lora_product`` (not None): passed to every LoRA call and group (True: keep forward1's
+    X_l·Aᵀ wherever a dB reads it; False: always recompute it)."""
     lowered = {torch.ops.runlora.lora_linear.default: lowered_lora_linear,
                torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit,
                torch.ops.runlora.lora_linear_group.default: lowered_lora_linear_group,
                torch.ops.runlora.dora_linear.default: lowered_dora_linear}
     count = 0
     for module in (gm, *region_bodies(gm)):
-        here = 0
+        here, changed = 0, False
         for node in module.graph.nodes:
-            if node.op == "call_function" and node.target in lowered:
+            if node.op != "call_function":
+                continue
+            if node.target in lowered:
                 node.target = lowered[node.target]
                 here += 1
-        if here:
+            if save_lora_product is not None and node.target in _TAKES_SAVE_LORA_PRODUCT:
+                node.kwargs = {**node.kwargs, "save_lora_product": bool(save_lora_product)}
+                changed = True
+        if here or changed:
             module.recompile()
         count += here
     return count
@@ -163,10 +194,13 @@ class _LoweredGroup(torch.autograd.Function):
     ``run_group_backward``): the concatenated x-reading GEMMs stay one mm each in the joint graph.
 
     Tensors arrive flat: the k weights, the biases that are not None, the k A's, the k B's.
+    A member's X_l·A_jᵀ (its columns of the forward's XA_cat) is kept for its dB where
+    ``keeps_lora_product`` says so for the member alone; the others' are recomputed together.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, adapter_dtype, scalings, forward_plans, backward_plans, has_bias, *tensors):
+    def forward(ctx, x, x_lora, adapter_dtype, scalings, forward_plans, backward_plans, has_bias, save_lora_product,
+                *tensors):
         k = len(has_bias)
         weights, rest = list(tensors[:k]), list(tensors[k:])
         biases = [rest.pop(0) if present else None for present in has_bias]
@@ -176,20 +210,31 @@ class _LoweredGroup(torch.autograd.Function):
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
         n_hint = size_hint(x2.shape[0])
         fplans = [resolve_plan(p, n_hint, "forward").name for p in split_plans(forward_plans, k, "forward")]
-        outs = run_group_forward(x2, weights, biases, lora_As, lora_Bs, list(scalings), xl2, adapter_dtype, fplans)
-        ctx.save_for_backward(x, x_lora, *weights, *lora_As, *lora_Bs)
+        bplans = [resolve_plan(p, n_hint, "backward").name for p in split_plans(backward_plans, k, "backward")]
+        outs, products = run_group_forward(x2, weights, biases, lora_As, lora_Bs, list(scalings), xl2, adapter_dtype,
+                                           fplans, with_product=True)
+        need = ctx.needs_input_grad
+        offset = 8 + k + sum(has_bias)
+        needs_x = bool(need[0] or need[1])
+        kept = [j for j in products
+                if keeps_lora_product(fplans[j], bplans[j], Needs(x=needs_x, lora_A=bool(need[offset + j]),
+                                                                  lora_B=bool(need[offset + k + j])),
+                                      n_hint, i, lora_As[j].shape[0], dtype=x2.dtype, adapter_dtype=adapter_dtype,
+                                      policy=save_lora_product).keep]
+        ctx.save_for_backward(x, x_lora, *weights, *lora_As, *lora_Bs, *[products[j] for j in kept])
         ctx.k, ctx.n_bias, ctx.scalings, ctx.adapter_dtype = k, sum(has_bias), list(scalings), adapter_dtype
-        ctx.backward_plans = backward_plans
+        ctx.backward_plans, ctx.kept = backward_plans, kept
         return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights))
 
     @staticmethod
     def backward(ctx, *grads):
         k = ctx.k
         x, x_lora, *rest = ctx.saved_tensors
-        weights, lora_As, lora_Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        weights, lora_As, lora_Bs = rest[:k], rest[k:2 * k], rest[2 * k:3 * k]
+        products = dict(zip(ctx.kept, rest[3 * k:]))
         need = ctx.needs_input_grad
         need_x, need_xl = need[0], need[1]
-        offset = 7 + k + ctx.n_bias
+        offset = 8 + k + ctx.n_bias
         need_a, need_b = list(need[offset:offset + k]), list(need[offset + k:offset + 2 * k])
         i = x.shape[-1]
         g2 = [None if g is None else g.reshape(-1, w.shape[0]) for g, w in zip(grads, weights)]
@@ -198,19 +243,22 @@ class _LoweredGroup(torch.autograd.Function):
         gx, gxl, ga, gb = run_group_backward(
             g2, x.reshape(-1, i), weights, lora_As, lora_Bs, ctx.scalings,
             None if x_lora is None else x_lora.reshape(-1, i), ctx.adapter_dtype, bplans, need_x or need_xl,
-            need_a, need_b)
+            need_a, need_b, lora_products=products)
         return ((None if gx is None or not need_x else gx.reshape(x.shape),
                  None if gxl is None or not need_xl else gxl.reshape(x.shape))
-                + (None,) * (5 + k + ctx.n_bias) + tuple(ga) + tuple(gb))
+                + (None,) * (6 + k + ctx.n_bias) + tuple(ga) + tuple(gb))
 
 
 def lowered_lora_linear_group(x, weights, biases, lora_As, lora_Bs, scalings, x_lora=None, adapter_dtype=None,
-                              forward_plans="forward1", backward_plans="backward1"):
+                              forward_plans="forward1", backward_plans="backward1", *, save_lora_product=None):
     """Same contract as ``torch.ops.runlora.lora_linear_group``, as traceable ATen calls."""
     has_bias = tuple(b is not None for b in biases)
     return list(_LoweredGroup.apply(x, x_lora, adapter_dtype, tuple(scalings), forward_plans, backward_plans,
-                                    has_bias, *weights, *[b for b in biases if b is not None], *lora_As,
-                                    *lora_Bs))
+                                    has_bias, save_lora_product, *weights, *[b for b in biases if b is not None],
+                                    *lora_As, *lora_Bs))
+
+
+_TAKES_SAVE_LORA_PRODUCT = (lowered_lora_linear, lowered_lora_linear_4bit, lora_linear_nf4, lowered_lora_linear_group)
 
 
 # --- DoRA (runlora.dora_linear; ops/dora.py, plans/dora.py) ------------------------------------

@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from .._compat import size_hint
 from ..choose import SiteFacts, choose_for, time_request
+from ..choose.lora_product import keeps_lora_product
 from ..choose.measure import tuner_for
 from ..inspection.report import RewriteReport, SiteReport, cost_entry
 from ..options import RewriteOptions
@@ -115,7 +116,16 @@ def site_n_hint(site: LoraSite) -> Optional[int]:
         return None
 
 
-def _site_report(site: LoraSite, choice) -> SiteReport:
+def _lora_product_entry(site: LoraSite, choice, hint: Optional[int], options: RewriteOptions):
+    """(what the lowered chain does with X_l·Aᵀ, the bytes it keeps) for the report."""
+    if hint is None:
+        return None, None
+    kept = keeps_lora_product(choice.forward.at(hint), choice.backward.at(hint), site.needs, hint, site.i, site.r,
+                              dtype=site.dtype, adapter_dtype=site.adapter_dtype, policy=options.save_lora_product)
+    return kept.reason, kept.memory_bytes if kept.keep else 0
+
+
+def _site_report(site: LoraSite, choice, options: RewriteOptions) -> SiteReport:
     hint = site_n_hint(site)
     n_expr = sympy.sympify(site.n)
     hint_subs = {}
@@ -142,6 +152,7 @@ def _site_report(site: LoraSite, choice) -> SiteReport:
         act = hint * site.r * a_bytes  # x@A is recomputed, never saved
         if site.mixed_dtype and not site.separate_lora_input:
             act += hint * site.i * (a_bytes - x_bytes)  # x saved instead of its cast copy
+    product = _lora_product_entry(site, choice, hint, options)
     return SiteReport(
         path=site.path, node=site.add.name, n=str(site.n), n_hint=hint, i=site.i, o=site.o, r=site.r,
         dtype=str(site.dtype).replace("torch.", ""),
@@ -153,6 +164,7 @@ def _site_report(site: LoraSite, choice) -> SiteReport:
         original_flops=original, chosen_flops=chosen, activation_bytes_saved=act,
         criterion=choice.criterion, criterion_note=choice.note,
         estimated_s=_estimates(choice.estimated), measured_s=None if choice.measured is None else dict(choice.measured),
+        lora_product=product[0], lora_product_bytes=product[1],
     )
 
 
@@ -325,7 +337,8 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
         gm: a GraphModule with shape metadata (Dynamo, torch.export, or ShapeProp).
         options: a ``RewriteOptions``; ``option_fields`` (criterion=, allow_merged=,
             forward_plan=, backward_plan=, device_model=, time_budget_s=, tuner=,
-            rewrite_4bit=, group_siblings=) replace its fields. See ``RewriteOptions`` for each.
+            rewrite_4bit=, group_siblings=, save_lora_product=) replace its fields. See
+            ``RewriteOptions`` for each.
         graph_name: label for the report.
         dry_run: match and choose only; leave the graph unchanged.
 
@@ -353,7 +366,7 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
         if options.criterion == "time" and not options.fully_forced:
             _measure_sites(sites, options)
         choices = [plan_site(s, options) for s in sites]
-        report.sites = [_site_report(s, c) for s, c in zip(sites, choices)]
+        report.sites = [_site_report(s, c, options) for s, c in zip(sites, choices)]
         groups = find_groups(sites, choices, options, report.sites)  # siblings sharing x (group.py)
         report.sites += dora_reports  # after find_groups, which indexes report.sites by site
         if not dry_run and sites:

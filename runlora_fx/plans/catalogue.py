@@ -22,6 +22,19 @@ Backward plans are built from three independent choices, each a formula below (G
 An intermediate (Z, X_l Aᵀ, T, W + sBA) is computed once if any needed gradient uses it.
 Under r(i+o) < i·o only backward1, backward4 and backward5 can be cheapest; the other five
 are kept for completeness and marked dominated.
+
+Beside the paper's plans, which FLOPs decide, ``CHAIN_RECORDS`` holds the choices bytes decide
+(each with the bytes it saves and the memory it adds, sympy in n, i, o, r and the element
+sizes e_x, e_a, e_y):
+
+    scale_on_small_side   s applied to an r-wide operand (s·B, s·Z, s·A), never to an n×o or
+                          n×i tensor                                       (every plan)
+    accumulate_in_gemm    the LoRA term added by the GEMM that makes it (addmm, beta=1), never
+                          written and read back: Y = addmm(X·Wᵀ, X·Aᵀ, s·Bᵀ),
+                          dX = addmm(dY·W, s·Z, A)                          (forward1, split dX)
+    keep_lora_product     X_l·Aᵀ (n×r) kept from forward1 for dB = s·dYᵀ·(X_l·Aᵀ) instead of
+                          recomputed from X_l (n×i): a priced choice (``choose/lora_product.py``);
+                          the lowered chain takes it, the opaque op always recomputes
 """
 
 from __future__ import annotations
@@ -43,6 +56,12 @@ __all__ = [
     "forward_plan",
     "backward_plan",
     "merged_weight_for_backward",
+    "forward1_with_lora_product",
+    "ChainRecord",
+    "CHAIN_RECORDS",
+    "e_x",
+    "e_a",
+    "e_y",
     "n",
     "i",
     "o",
@@ -50,6 +69,9 @@ __all__ = [
 ]
 
 n, i, o, r = sympy.symbols("n i o r", positive=True, integer=True)
+# Element sizes in bytes: x, W, bias and the base GEMMs; the adapter dtype (A, B, X_l, X·Aᵀ,
+# Z, T); the op's output and dY (the promotion of the two).
+e_x, e_a, e_y = sympy.symbols("e_x e_a e_y", positive=True, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,16 +187,23 @@ def _lora_input(x: torch.Tensor, x_lora: Optional[torch.Tensor], adapter_dtype) 
     return src if adapter_dtype is None or src.dtype == adapter_dtype else src.to(adapter_dtype)
 
 
-def _forward1(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
-    """Y = X Wᵀ + b + s (X_l Aᵀ) Bᵀ, the LoRA product added in the GEMM epilogue.
+def forward1_with_lora_product(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
+    """(Y, X_l Aᵀ): forward1 and the n×r product it forms, for a chain that keeps it.
 
-    The result dtype is what eager's ``base + lora`` gives: the base dtype promoted with the
-    adapter dtype (peft's fp32 adapters on a bf16 base give fp32, cast back by the graph).
+    The LoRA term is accumulated by its own GEMM (``accumulate_in_gemm``) with s as the GEMM's
+    alpha (``scale_on_small_side``): no n×o tensor is written for it or scaled. The result
+    dtype is what eager's ``base + lora`` gives: the base dtype promoted with the adapter
+    dtype (peft's fp32 adapters on a bf16 base give fp32, cast back by the graph).
     """
     base = F.linear(x, weight, bias)
     xa = F.linear(_lora_input(x, x_lora, adapter_dtype), lora_A)
     out_dtype = torch.promote_types(base.dtype, xa.dtype)
-    return torch.addmm(base.to(out_dtype), xa, lora_B.t(), alpha=scaling)
+    return torch.addmm(base.to(out_dtype), xa, lora_B.t(), alpha=scaling), xa
+
+
+def _forward1(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
+    """Y = X Wᵀ + b + s (X_l Aᵀ) Bᵀ (see ``forward1_with_lora_product``)."""
+    return forward1_with_lora_product(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype)[0]
 
 
 def _merged_weight(weight, lora_A, lora_B, scaling):
@@ -242,19 +271,30 @@ def backward_plan(name: str) -> BackwardPlan:
 
 
 # --- backward implementation -------------------------------------------------------------
-def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling, x_lora, adapter_dtype, needs: Needs):
+def _scaled_mm(a, b, scaling, like):
+    """s·(a @ b) with s as the GEMM's alpha (``scale_on_small_side``: no elementwise pass).
+
+    ``addmm`` with beta=0 ignores its input (NaN and inf in it included); ``like`` is any tensor
+    that broadcasts to the result (a parameter or a view of one), so no buffer is made for it.
+    """
+    return torch.addmm(like, a, b, beta=0, alpha=scaling)
+
+
+def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling, x_lora, adapter_dtype, needs: Needs,
+                  lora_product=None):
     """Gradients (dX, dX_l, dA, dB) on 2-D tensors; None where not needed.
 
     dX_l is returned separately only when the LoRA input is its own tensor (dropout); with
     X_l = X its contribution is already inside dX. The base part dY·W runs in W's dtype, the
     LoRA part in the adapter dtype, as eager autograd does for the graph it replaces.
+    ``lora_product``: X_l·Aᵀ kept from the forward (``keep_lora_product``); None: recomputed.
     """
     separate = x_lora is not None
     xl = _lora_input(x, x_lora, adapter_dtype)
     g_lora = grad_y if grad_y.dtype == lora_B.dtype else grad_y.to(lora_B.dtype)
     uses_z = (needs.x and plan.dx == "split") or (needs.lora_A and plan.da == "z")
     uses_t = (needs.lora_A and plan.da == "t") or (needs.lora_B and plan.db == "t")
-    zs = torch.mm(g_lora, lora_B).mul_(scaling) if uses_z else None  # s·Z, n×r
+    z = torch.mm(g_lora, lora_B) if uses_z else None  # Z, n×r; s goes into the GEMMs that read it
     t = torch.mm(xl.t(), g_lora) if uses_t else None  # T, i×o
 
     grad_x = grad_xl = grad_a = grad_b = None
@@ -265,21 +305,80 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
             grad_x = torch.mm(g_base, merged_weight_for_backward(weight, lora_A, lora_B, scaling))
         else:
             base = torch.mm(g_base, weight)
-            lora_part = torch.mm(zs, lora_A)
             if separate:
-                grad_x, grad_xl = base, lora_part.to(x_lora.dtype)
-            elif lora_part.dtype == base.dtype:
-                grad_x = base.add_(lora_part)
+                grad_x, grad_xl = base, _scaled_mm(z, lora_A, scaling, lora_A[0]).to(x_lora.dtype)
+            elif z.dtype == base.dtype:
+                grad_x = torch.addmm(base, z, lora_A, alpha=scaling)  # accumulate_in_gemm: no n×i dX_l
             else:
-                grad_x = base.add_(lora_part.to(base.dtype))
+                grad_x = base.add_(_scaled_mm(z, lora_A, scaling, lora_A[0]).to(base.dtype))
     if needs.lora_A:
-        grad_a = torch.mm(zs.t(), xl) if plan.da == "z" else torch.mm(lora_B.t() * scaling, t.t())
+        grad_a = _scaled_mm(z.t(), xl, scaling, lora_A) if plan.da == "z" else _scaled_mm(lora_B.t(), t.t(), scaling,
+                                                                                         lora_A)
     if needs.lora_B:
-        if plan.db == "xa":
+        if plan.db == "xa" and lora_product is not None:
+            grad_b = _scaled_mm(g_lora.t(), lora_product, scaling, lora_B)
+        elif plan.db == "xa":
             # s·(X_l Aᵀ) as X_l (s·A)ᵀ: recomputed, never saved. Spelled apart from the forward's
             # X_l Aᵀ so a joint graph's CSE cannot fold the two and keep the forward's n×r result.
             xa_s = torch.mm(xl, (lora_A * scaling).t())
             grad_b = torch.mm(g_lora.t(), xa_s)
         else:
-            grad_b = torch.mm(t.t(), lora_A.t() * scaling)
+            grad_b = _scaled_mm(t.t(), lora_A.t(), scaling, lora_B)
     return grad_x, grad_xl, grad_a, grad_b
+
+
+# --- choices the bytes decide, beside the paper's plans ------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ChainRecord:
+    """A choice that leaves FLOPs (nearly) alone and saves bytes moved.
+
+    Attributes:
+        name: the record's name.
+        formula: the chain as the plans run it.
+        instead_of: the spelling it avoids.
+        applies_to: which plans or paths take it.
+        bytes_saved: read + write bytes per step against ``instead_of`` (sympy).
+        flops_saved: FLOPs per step against ``instead_of`` (sympy).
+        memory_added: bytes held from forward to backward (sympy; 0 for most).
+    """
+
+    name: str
+    formula: str
+    instead_of: str
+    applies_to: str
+    bytes_saved: sympy.Expr
+    flops_saved: sympy.Expr = sympy.Integer(0)
+    memory_added: sympy.Expr = sympy.Integer(0)
+
+
+CHAIN_RECORDS: dict[str, ChainRecord] = {
+    rec.name: rec
+    for rec in [
+        ChainRecord(
+            "scale_on_small_side",
+            "s as the alpha of the GEMM that reads the LoRA operand: Y = addmm(Y0, X·Aᵀ, Bᵀ, alpha=s); "
+            "dX = addmm(dY·W, Z, A, alpha=s); dA = s·(Zᵀ·X_l) and dB = s·(dYᵀ·X_lAᵀ) as addmm(beta=0, alpha=s)",
+            "an elementwise ·s over the n×o LoRA term (forward) and over Z (n×r, backward)",
+            "every plan (the recomputed X_l·(s·A)ᵀ scales A, r×i, so CSE cannot fold it into the forward's)",
+            # forward: a pass over n×o (read + write); backward: one over n×r
+            2 * n * o * e_y + 2 * n * r * e_a,
+        ),
+        ChainRecord(
+            "accumulate_in_gemm",
+            "Y = addmm(X·Wᵀ + b, X·Aᵀ, Bᵀ, alpha=s); dX = addmm(dY·W, Z, A, alpha=s)",
+            "L = (X·Aᵀ)·Bᵀ written, then Y = Y0 + L read back (and dX_l = s·Z·A, then dX += dX_l)",
+            "forward1; the split dX of backward1/2/3/8 when X_l = X in one dtype",
+            # forward: L written and read once more; backward: dX_l written and read once more
+            2 * n * o * e_y + 2 * n * i * e_x,
+        ),
+        ChainRecord(
+            "keep_lora_product",
+            "dB = s·dYᵀ·(X_l·Aᵀ), X_l·Aᵀ kept from forward1",
+            "dB = dYᵀ·(X_l·(s·A)ᵀ), X_l·Aᵀ recomputed from X_l",
+            "forward1 with a backward whose dB goes through X_l·Aᵀ (backward1/5/7/8), lowered chain only",
+            (n * i + r * i + n * r) * e_a + 2 * r * i * e_a,  # the recompute GEMM and its s·A pass
+            2 * n * i * r,
+            n * r * e_a,
+        ),
+    ]
+}
