@@ -23,7 +23,8 @@ keys are unaffected):
 - ``sites[].lora_product``: what the lowered chain does with X_l·Aᵀ for dB ("kept: ...",
   "recomputed: ...", or why the plans never read it), and ``sites[].lora_product_bytes``: the
   bytes it keeps from forward to backward (0 when recomputed; the opaque op always
-  recomputes); ``totals.lora_product_bytes`` sums them.
+  recomputes, and the backend reports 0 for it); ``totals.lora_product_bytes`` sums them.
+  ``activation_bytes_saved`` is net of them: a kept X_l·Aᵀ is saved as eager saves it.
 
 - ``sites[].criterion``: what chose this site's plans: "flops", "roofline", "time" or
   "fixed" (forced plans). It can differ from the graph's ``criterion`` (what was asked):

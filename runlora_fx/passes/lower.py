@@ -19,7 +19,8 @@ backward only when dX is needed, and never saved. Inductor does not reassociate 
 the chosen chain survives. A piecewise plan is resolved at the traced n's size hint without
 installing a guard: every plan is exact, so a dynamic graph stays one graph and only the
 plan for other n may be the costlier one (the opaque op, by contrast, resolves the
-piecewise plan on every call).
+piecewise plan on every call). Unlike the op, the chain may keep forward1's n×r X_l·Aᵀ for dB
+(``choose/lora_product.py``; ``save_lora_product`` on the call), decided when it is traced.
 """
 
 from __future__ import annotations

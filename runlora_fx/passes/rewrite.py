@@ -117,7 +117,9 @@ def site_n_hint(site: LoraSite) -> Optional[int]:
 
 
 def _lora_product_entry(site: LoraSite, choice, hint: Optional[int], options: RewriteOptions):
-    """(what the lowered chain does with X_l·Aᵀ, the bytes it keeps) for the report."""
+    """(what the lowered chain does with X_l·Aᵀ, the bytes it keeps) for the report. FLOPs stay the
+    plans' own: the original chain they are compared with is forward1 + backward1 as the paper
+    counts it (recomputing X·Aᵀ), while eager peft keeps X·Aᵀ as the kept chain does."""
     if hint is None:
         return None, None
     kept = keeps_lora_product(choice.forward.at(hint), choice.backward.at(hint), site.needs, hint, site.i, site.r,
@@ -149,10 +151,12 @@ def _site_report(site: LoraSite, choice, options: RewriteOptions) -> SiteReport:
     if hint is not None:
         a_bytes = torch.empty((), dtype=site.adapter_dtype or site.dtype).element_size()
         x_bytes = torch.empty((), dtype=site.dtype).element_size()
-        act = hint * site.r * a_bytes  # x@A is recomputed, never saved
+        act = hint * site.r * a_bytes  # x@A not saved by the op...
         if site.mixed_dtype and not site.separate_lora_input:
             act += hint * site.i * (a_bytes - x_bytes)  # x saved instead of its cast copy
     product = _lora_product_entry(site, choice, hint, options)
+    if act is not None and product[1]:
+        act -= product[1]  # ...but kept by the lowered chain, as eager keeps it
     return SiteReport(
         path=site.path, node=site.add.name, n=str(site.n), n_hint=hint, i=site.i, o=site.o, r=site.r,
         dtype=str(site.dtype).replace("torch.", ""),

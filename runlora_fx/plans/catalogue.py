@@ -16,7 +16,7 @@ Backward plans are built from three independent choices, each a formula below (G
          merged: dX = G (W + s B A)            never forms Z for dX
     dA   via Z : dA = s Zᵀ X_l
          via T : dA = s Bᵀ Tᵀ                  T = X_lᵀ G    (i×o)
-    dB   via XA: dB = s Gᵀ (X_l Aᵀ)            X_l Aᵀ recomputed, never saved
+    dB   via XA: dB = s Gᵀ (X_l Aᵀ)            X_l Aᵀ recomputed (or kept: keep_lora_product)
          via T : dB = s Tᵀ Aᵀ
 
 An intermediate (Z, X_l Aᵀ, T, W + sBA) is computed once if any needed gradient uses it.
