@@ -19,7 +19,7 @@ import runlora_fx
 from runlora_fx.ops import dora as dora_ops
 from runlora_fx.plans.dora import NORM_PLANS
 
-from test_pass import TARGETS, assert_same_training, lm_inputs, lm_loss, tiny_llama
+from test_pass import LMLogits, TARGETS, assert_same_lora_grads, assert_same_training, lm_inputs, lm_loss, tiny_llama
 
 DORA_OP = torch.ops.runlora.dora_linear.default
 
@@ -198,13 +198,23 @@ def _training_grads(module, x):
     return [loss, *torch.autograd.grad(loss, [*params, x])]
 
 
-@pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
-def test_export_rewrite_save_load_round_trip(use_bias):
-    model = TwoDoRA(use_bias=use_bias)
+_EXPORTED = {"torchtune": lambda: TwoDoRA(use_bias=False), "torchtune_bias": lambda: TwoDoRA(use_bias=True),
+             "peft": lambda: peft_dora_mlp()}
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["training_ir", "decomposed"])
+@pytest.mark.parametrize("form", sorted(_EXPORTED))
+def test_export_rewrite_save_load_round_trip(form, decompose):
+    # Decomposed (run_decompositions()): linear is view/permute/addmm, torch.eye an
+    # arange == arange chain, detach an alias. Every DoRA layer is still found and trains as eager.
+    model = _EXPORTED[form]()
     x = mlp_inputs()
     ep = torch.export.export(model, (x,))
+    if decompose:
+        ep = ep.run_decompositions()
     runlora_fx.rewrite_exported_program(ep)
     assert ep.runlora_report.rewritten == 2, str(ep.runlora_report)
+    assert all(s.kind == "dora" for s in ep.runlora_report.sites) and not ep.runlora_report.rejected
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     buf.seek(0)
@@ -223,6 +233,16 @@ def test_export_peft_dora():
     assert ep.runlora_report.rewritten == 2, str(ep.runlora_report)
     for g, w in zip(_training_grads(ep.module(), x), _training_grads(model, x)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_decomposed_export_peft_dora_llama():
+    model = LMLogits(peft_dora_llama(layers=1))
+    ids = lm_inputs()
+    ep = runlora_fx.rewrite_exported_program(torch.export.export(model, (ids,)).run_decompositions())
+    report = ep.runlora_report
+    assert report.rewritten == 7 and {s.kind for s in report.sites} == {"dora"}, str(report)
+    torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert_same_lora_grads(ep.module(), model, ids, expect=21)  # A, B, m of 7 layers
 
 
 # --- the op and its norm plans -----------------------------------------------------------

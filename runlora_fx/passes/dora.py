@@ -1,7 +1,9 @@
 """Find DoRA layers (peft ``use_dora=True``, torchtune ``DoRALinear``) and rewrite each into
 ``runlora.dora_linear``.
 
-Matches (Dynamo's torch IR and torch.export's training IR; peft shown, dropout 0, bias)::
+Matches (Dynamo's torch IR, torch.export's training IR and its decomposed ATen IR, where the
+identity matrix is ``_to_copy(eq(unsqueeze(arange(i), -1), arange(i)))`` and detach an alias;
+peft shown, dropout 0, bias)::
 
     result = linear(x, W, b)
     eye = torch.eye(i)
@@ -55,7 +57,7 @@ from ..plans import FORWARD_PLANS, Needs, parse_plan
 from .build import new_call
 from .dialects import as_add, as_linear, as_scale, strip_casts, strip_noop, strip_transposes
 from .match import Rejection, module_path, to_sympy
-from .nodes import EYE_FNS, LinearView, aten, is_call, is_metadata_assert, meta_value
+from .nodes import LinearView, aten, is_call, is_identity_matrix, is_metadata_assert, meta_value
 
 __all__ = ["DoraSite", "can_rewrite_dora", "find_dora_sites", "make_peft_dora_traceable", "match_dora",
            "plan_dora_site", "rewrite_dora"]
@@ -64,7 +66,7 @@ log = logging.getLogger("runlora_fx.passes.dora")
 
 _NORM_FNS = {torch.linalg.norm, torch._C._linalg.linalg_norm, aten.linalg_norm.default,
              torch.linalg.vector_norm, torch._C._linalg.linalg_vector_norm, aten.linalg_vector_norm.default}
-_DETACH_FNS = {torch.detach, aten.detach.default}
+_DETACH_FNS = {torch.detach, aten.detach.default, aten.alias.default}  # the decomposed IR's detach is an alias
 _DIV_FNS = {operator.truediv, torch.div, torch.true_divide, aten.div.Tensor}
 _SUB_FNS = {operator.sub, torch.sub, aten.sub.Tensor}
 _MUL_FNS = {operator.mul, torch.mul, aten.mul.Tensor}
@@ -152,7 +154,7 @@ def _eye_product(node: Any) -> Optional[tuple[LinearView, LinearView, list]]:
     if b is None or b.bias is not None:
         return None
     a = as_linear(b.x)
-    if a is None or a.bias is not None or not is_call(a.x, EYE_FNS):
+    if a is None or a.bias is not None or not is_identity_matrix(a.x):
         return None
     return a, b, passed + transposes + list(b.nodes) + list(a.nodes) + [a.x]
 

@@ -40,7 +40,7 @@ import torch.fx as fx
 from ..plans import Needs
 from .autocast import LOW_PRECISION, autocast_regions, is_autocast_eligible
 from .dialects import as_add, as_linear, as_scale, is_tensor_scale, strip_noop
-from .nodes import EYE_FNS, LinearView, cast_dtype, is_call, is_metadata_assert, meta_value
+from .nodes import LinearView, cast_dtype, is_identity_matrix, is_metadata_assert, meta_value
 
 __all__ = [
     "LoraProduct", "LoraSite", "Rejection", "match_lora", "find_sites", "find_unmatched_products", "lora_shaped",
@@ -445,7 +445,7 @@ def find_unmatched_products(graph: fx.Graph, sites: list, rejections: list) -> l
         if node in covered or node.name in explained:
             continue
         shaped = lora_shaped(node)
-        if shaped is None or is_call(strip_noop(shaped[0].x)[0], EYE_FNS):
+        if shaped is None or is_identity_matrix(strip_noop(shaped[0].x)[0]):
             continue
         if any((view := as_linear(u)) is not None and node in view.nodes for u in node.users):
             continue  # the mm inside view(mm(...)) of the decomposed IR: its view is the product

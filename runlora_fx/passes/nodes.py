@@ -20,6 +20,7 @@ __all__ = [
     "ADDMM_FNS",
     "CAST_FNS",
     "EYE_FNS",
+    "is_identity_matrix",
     "LINEAR_FNS",
     "LinearView",
     "MATMUL_FNS",
@@ -81,6 +82,39 @@ def is_call(node: Any, fns=(), methods=()) -> bool:
     if node.op == "call_function":
         return node.target in fns
     return node.op == "call_method" and node.target in methods
+
+
+_ARANGE_FNS = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+
+def _arange_range(node: Any) -> Optional[tuple]:
+    """(start, end, step) of an ``arange`` node, else None."""
+    if not is_call(node, _ARANGE_FNS):
+        return None
+    if node.target is aten.arange.default:
+        return 0, node.args[0], 1
+    start, end = node.args[0], node.args[1]
+    step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+    return start, end, step
+
+
+def is_identity_matrix(node: Any) -> bool:
+    """``torch.eye(n)``, or the decomposed IR's spelling of it::
+
+        _to_copy(eq(unsqueeze(arange(0, n), -1), arange(0, n)), dtype=...)
+    """
+    if is_call(node, EYE_FNS):
+        return True
+    if not is_call(node, CAST_FNS) or not node.args:
+        return False
+    eq = node.args[0]
+    if not is_call(eq, {aten.eq.Tensor}) or len(eq.args) != 2:
+        return False
+    rows, cols = eq.args
+    if not is_call(rows, {aten.unsqueeze.default}) or rows.args[1] not in (-1, 1):
+        return False
+    r, c = _arange_range(rows.args[0]), _arange_range(cols)
+    return r is not None and r == c and r[0] == 0 and r[2] == 1
 
 
 def arg(node: fx.Node, index: int, name: str, default=None):
