@@ -55,7 +55,6 @@ class GroupCost:
         launches_saved: net kernels.
         flops_delta: grouped FLOPs minus the members' own: 0 by construction.
         terms: {term: (bytes, launches)} per line of the module docstring, for reports.
-        dtype: the adapter dtype, whose peak prices ``flops_delta``.
     """
 
     members: int
@@ -63,16 +62,13 @@ class GroupCost:
     launches_saved: int
     flops_delta: int = 0
     terms: dict = dataclasses.field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
 
     def seconds_saved(self, model: DeviceModel) -> float:
-        flops_s = self.flops_delta / model.peak(self.dtype) if self.flops_delta else 0.0
-        return self.bytes_saved / model.bandwidth + self.launches_saved * model.launch_s - flops_s
+        return self.bytes_saved / model.bandwidth + self.launches_saved * model.launch_s
 
     def describe(self, model: DeviceModel) -> str:
-        flops = f"{self.flops_delta / 1e9:+.2f} GFLOP" if self.flops_delta else "same FLOPs"
         return (f"saves {self.bytes_saved / 2**20:.2f} MiB and {self.launches_saved} launches "
-                f"(est. {self.seconds_saved(model) * 1e6:.1f} us on {model.name}), {flops}")
+                f"(est. {self.seconds_saved(model) * 1e6:.1f} us on {model.name}), same FLOPs")
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -106,9 +102,8 @@ def price_group(n: int, i: int, members: Sequence[GroupMember], *, dtype: torch.
     a_users = [m for m in live if m.needs_a]
     shared_read("backward dA = Zᵀ·X_l", a_users, 2 * n * sum(m.r for m in a_users) * e_a, 1)
     b_users = [m for m in live if m.needs_b]
-    recomputing = [m for m in b_users if not m.keeps_product]
+    recomputing = [m for m in b_users if not m.keeps_product]  # the others keep their columns of XA_cat
     shared_read("backward X_l·Aᵀ (recomputed)", recomputing, 2 * sum(m.r for m in recomputing) * i * e_a, 1)
-    flops_delta = 0  # members that keep X_l·Aᵀ keep it grouped too (their columns of XA_cat): no term
     if needs_x:
         split = [m for m, p in zip(live, plans) if p.dx == "split"]
         if len(split) >= 2:
@@ -127,8 +122,7 @@ def price_group(n: int, i: int, members: Sequence[GroupMember], *, dtype: torch.
         if casts > 0:
             terms["cast(X)"] = (casts * n * i * (e_x + e_a), casts)
     return GroupCost(members=len(live), bytes_saved=int(sum(b for b, _ in terms.values())),
-                     launches_saved=int(sum(c for _, c in terms.values())), flops_delta=flops_delta, terms=terms,
-                     dtype=adapter_dtype or dtype)
+                     launches_saved=int(sum(c for _, c in terms.values())), terms=terms)
 
 
 def should_group(cost: GroupCost, model: DeviceModel) -> bool:

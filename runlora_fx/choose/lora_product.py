@@ -48,14 +48,10 @@ class LoraProductChoice:
     flops_saved: int = 0
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def price_lora_product(n_: int, i_: int, r_: int, *, dtype: torch.dtype, adapter_dtype=None) -> dict:
     """{"memory_bytes", "bytes_saved", "flops_saved"} of keeping X_l·Aᵀ at these sizes."""
     rec = CHAIN_RECORDS["keep_lora_product"]
-    sizes = {n: n_, i: i_, r: r_, e_x: _size(dtype), e_a: _size(adapter_dtype or dtype)}
+    sizes = {n: n_, i: i_, r: r_, e_x: dtype.itemsize, e_a: (adapter_dtype or dtype).itemsize}
     return {"memory_bytes": int(rec.memory_added.xreplace(sizes)), "bytes_saved": int(rec.bytes_saved.xreplace(sizes)),
             "flops_saved": int(rec.flops_saved.xreplace(sizes))}
 
@@ -78,7 +74,7 @@ def keeps_lora_product(forward_plan: str, backward_plan: str, needs: Needs, n_: 
     if policy is False:
         return LoraProductChoice(False, "recomputed (save_lora_product=False)")
     price = price_lora_product(n_, i_, r_, dtype=dtype, adapter_dtype=adapter_dtype)
-    x_bytes = n_ * i_ * _size(dtype)
+    x_bytes = n_ * i_ * dtype.itemsize
     if policy is None and price["memory_bytes"] > MAX_MEMORY_FRACTION * x_bytes:
         return LoraProductChoice(False, f"recomputed: keeping it would hold {price['memory_bytes']} bytes, more than "
                                         f"{MAX_MEMORY_FRACTION} of the {x_bytes} bytes of x saved", **price)

@@ -111,13 +111,11 @@ def _cat_cols(tensors: list) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
-def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans,
-                      with_product: bool = False):
-    """The members' outputs on 2-D x (n × i); ``fplans`` resolved plan names, one per member.
+def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans) -> tuple:
+    """(the members' outputs, {forward1 member: its X_l·A_jᵀ}) on 2-D x (n × i); ``fplans``
+    resolved plan names, one per member. The products are for a chain that keeps them.
 
     # XA_cat = X_l [A_1; …; A_k]ᵀ over the forward1 members; Y_j = X W_jᵀ + b_j + s_j XA_j B_jᵀ
-
-    ``with_product``: return (outputs, {member: its X_l·A_jᵀ}) for a chain that keeps them.
     """
     split = [j for j, name in enumerate(fplans) if not FORWARD_PLANS[name].merged]
     xa = {}
@@ -134,7 +132,7 @@ def run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adap
         base = torch.nn.functional.linear(x2, w, b)
         out_dtype = torch.promote_types(base.dtype, xa[j].dtype)
         outs.append(torch.addmm(base.to(out_dtype), xa[j], bb.t(), alpha=s))
-    return (outs, xa) if with_product else outs
+    return outs, xa
 
 
 def run_group_backward(grads, x2, weights, lora_As, lora_Bs, scalings, xl2, adapter_dtype, bplans, needs_x: bool,
@@ -226,7 +224,7 @@ def lora_linear_group(
     x2 = x.reshape(-1, i)
     xl2 = None if x_lora is None else x_lora.reshape(-1, i)
     fplans = _resolved(forward_plans, len(weights), x2.shape[0], "forward")
-    outs = run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans)
+    outs, _ = run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans)
     return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights)]
 
 

@@ -76,13 +76,13 @@ class _Packed4bit:
                                                  list(self.out_in), dtype, phase)
 
 
-def _keeps_product(ctx, x2, lora_A, x_lora, adapter_dtype, forward_plan, backward_plan, n_hint, policy) -> bool:
+def _keeps_product(ctx, x2, lora_A, adapter_dtype, forward_name, backward_plan, n_hint, policy) -> bool:
     """Whether this call keeps X_l·Aᵀ for dB (``choose/lora_product.py``), decided at trace time."""
-    _, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
-    needs = Needs(x=bool(ctx.needs_input_grad[0] or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
-    return keeps_lora_product(resolve_plan(forward_plan, n_hint, "forward").name,
-                              resolve_plan(backward_plan, n_hint, "backward").name, needs, n_hint, x2.shape[1],
-                              lora_A.shape[0], dtype=x2.dtype, adapter_dtype=adapter_dtype, policy=policy).keep
+    need_x, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
+    needs = Needs(x=bool(need_x or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
+    return keeps_lora_product(forward_name, resolve_plan(backward_plan, n_hint, "backward").name, needs, n_hint,
+                              x2.shape[1], lora_A.shape[0], dtype=x2.dtype, adapter_dtype=adapter_dtype,
+                              policy=policy).keep
 
 
 class _LoweredLoRA(torch.autograd.Function):
@@ -101,8 +101,7 @@ class _LoweredLoRA(torch.autograd.Function):
         plan = resolve_plan(forward_plan, n_hint, "forward")
         w = weight.materialize(parts, x.dtype, "forward")
         product = None
-        if _keeps_product(ctx, x2, lora_A, x_lora, adapter_dtype, forward_plan, backward_plan, n_hint,
-                          save_lora_product):
+        if _keeps_product(ctx, x2, lora_A, adapter_dtype, plan.name, backward_plan, n_hint, save_lora_product):
             y, product = forward1_with_lora_product(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         else:
             y = plan.run(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
@@ -213,7 +212,7 @@ class _LoweredGroup(torch.autograd.Function):
         fplans = [resolve_plan(p, n_hint, "forward").name for p in split_plans(forward_plans, k, "forward")]
         bplans = [resolve_plan(p, n_hint, "backward").name for p in split_plans(backward_plans, k, "backward")]
         outs, products = run_group_forward(x2, weights, biases, lora_As, lora_Bs, list(scalings), xl2, adapter_dtype,
-                                           fplans, with_product=True)
+                                           fplans)
         need = ctx.needs_input_grad
         offset = 8 + k + sum(has_bias)
         needs_x = bool(need[0] or need[1])

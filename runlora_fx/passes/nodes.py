@@ -93,9 +93,7 @@ def _arange_range(node: Any) -> Optional[tuple]:
         return None
     if node.target is aten.arange.default:
         return 0, node.args[0], 1
-    start, end = node.args[0], node.args[1]
-    step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
-    return start, end, step
+    return node.args[0], node.args[1], arg(node, 2, "step", 1)
 
 
 def is_identity_matrix(node: Any) -> bool:
