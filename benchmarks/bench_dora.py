@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_dora.py                 # hidden 512, 2 layers, B=2, S=256, r=16
     .venv/bin/python benchmarks/bench_dora.py --repeats 15 --json dora.json
+    .venv/bin/python benchmarks/bench_dora.py --base bnb_nf4  # QDoRA: bitsandbytes NF4 bases (double-quantized)
+    .venv/bin/python benchmarks/bench_dora.py --dropout 0.1   # peft's dropout form (a second base GEMM)
 
 One thread (``torch.set_num_threads(1)``), fp32, a random-weight Llama (no hub), peft LoRA on all
 7 projections. A step is forward + loss + backward (grads set to None after). Modes are compiled
@@ -33,6 +35,7 @@ from common import environment, saved_activation_bytes, time_interleaved  # noqa
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = {
+    "peft DoRA eager": (True, "eager"),
     "peft DoRA + inductor": (True, "inductor"),
     "runlora DoRA": (True, "runlora"),
     "runlora LoRA": (False, "runlora"),
@@ -47,19 +50,36 @@ def build(use_dora: bool, args):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                             target_modules=TARGETS, use_dora=use_dora))
+    model = LlamaForCausalLM(cfg)
+    if args.base == "bnb_nf4":
+        quantize_targets(model)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
+                                             use_dora=use_dora, lora_dropout=args.dropout))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model
 
 
+def quantize_targets(model) -> None:
+    """Swaps every target nn.Linear for a bitsandbytes NF4 Linear4bit (double-quantized, fp32 compute)."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)._quantize("cpu")
+                setattr(module, child_name, q)
+
+
 def prepare(name: str, args):
     use_dora, compiler = MODES[name]
     model = build(use_dora, args)
-    backend = runlora_fx.make_backend() if compiler == "runlora" else "inductor"
-    compiled = torch.compile(model, backend=backend)
+    backend = runlora_fx.make_backend(inner=args.inner) if compiler == "runlora" else args.inner
+    compiled = model if compiler == "eager" else torch.compile(model, backend=backend)
     torch.manual_seed(1)
     ids = torch.randint(0, 1024, (args.batch, args.seq))
     params = [p for p in model.parameters()]
@@ -80,6 +100,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--base", choices=("dense", "bnb_nf4"), default="dense")
+    parser.add_argument("--inner", default="inductor", help="the compiler under every compiled mode (smoke tests: aot_eager)")
+    parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--modes", default=",".join(MODES))
@@ -110,6 +133,8 @@ def main(argv=None):
     by = {row["mode"]: row["median_ms"] for row in rows}
     if "peft DoRA + inductor" in by and "runlora DoRA" in by:
         print(f"runlora DoRA speed-up vs peft DoRA + inductor: {by['peft DoRA + inductor'] / by['runlora DoRA']:.3f}x")
+    if "peft DoRA eager" in by and "runlora DoRA" in by:
+        print(f"runlora DoRA speed-up vs peft DoRA eager: {by['peft DoRA eager'] / by['runlora DoRA']:.3f}x")
     if "runlora LoRA" in by and "runlora DoRA" in by:
         print(f"runlora DoRA / runlora LoRA time: {by['runlora DoRA'] / by['runlora LoRA']:.3f}x")
     if args.json:

@@ -27,6 +27,7 @@ from .inspection.report import RewriteReport  # noqa: E402
 from .install import install, uninstall  # noqa: E402
 from .ops import quantized as qlora  # noqa: E402  the 4-bit ops, under their former name
 from .options import RewriteOptions  # noqa: E402
+from .passes.dora import make_peft_dora_traceable  # noqa: E402
 from .passes.rewrite import rewrite  # noqa: E402
 from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, PiecewisePlan  # noqa: E402
 from .tuning import tune  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "install",
     "load",
     "make_backend",
+    "make_peft_dora_traceable",
     "ops",
     "qlora",
     "rewrite",

@@ -91,6 +91,20 @@ def test_bench_model_main_fills_every_column(bench_model, tmp_path):
     assert_outputs(rows, json_path, md_path, bench_model.COLUMNS)
 
 
+def test_bench_dora_main_on_4bit_bases_with_dropout(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the QDoRA benchmark needs bitsandbytes (in the test extra)")
+    json_path = tmp_path / "dora.json"
+    rows = load_script("bench_dora").main(["--inner", "aot_eager", "--base", "bnb_nf4", "--dropout", "0.1",
+                                           "--hidden", "64", "--layers", "1", "--seq", "16", "--rank", "4",
+                                           "--warmup", "0", "--repeats", "1", "--json", str(json_path)])
+    by = {row["mode"]: row for row in rows}
+    assert list(by) == ["peft DoRA eager", "peft DoRA + inductor", "runlora DoRA", "runlora LoRA",
+                        "peft LoRA + inductor"]
+    assert by["runlora DoRA"]["sites"] == by["runlora LoRA"]["sites"] == 7
+    assert all(row["median_ms"] > 0 and row["saved_MiB"] > 0 for row in rows)
+    assert json.loads(json_path.read_text())["args"]["base"] == "bnb_nf4"
+
+
 def test_bench_criteria_main_adds_the_calibrated_roofline(tmp_path):
     from runlora_fx.choose.roofline import device_model_for
 

@@ -206,6 +206,39 @@ def test_hand_written_matmul_and_linear_forms():
     assert_same_training(HandWritten(32, 40, 4), seq_inputs(32), mse, expect_sites=2)
 
 
+class BiasAddedAfter(nn.Module):
+    """``x @ W.T + b + s·lora``: the bias added after a bias-free base (dialect "bias added after")."""
+
+    def __init__(self, i, o, r):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(o, i) / i**0.5, requires_grad=False)
+        self.b = nn.Parameter(torch.randn(o), requires_grad=False)
+        self.A = nn.Parameter(torch.randn(r, i) * 0.1)
+        self.B = nn.Parameter(torch.randn(o, r) * 0.1)
+
+    def forward(self, x):
+        return x @ self.W.T + self.b + 0.5 * ((x @ self.A.T) @ self.B.T)
+
+
+def test_bias_added_after_a_bias_free_base():
+    backend = assert_same_training(BiasAddedAfter(32, 40, 4), seq_inputs(32), mse, expect_sites=1)
+    assert not backend.reports[0].rejected
+
+
+def test_a_non_bias_add_is_not_read_as_the_bias():
+    """A (o,)-shaped add in another dtype than the output would promote it: no bias, no site."""
+
+    class Promoting(BiasAddedAfter):
+        def forward(self, x):
+            return x @ self.W.T + self.b.double() + 0.5 * ((x @ self.A.T) @ self.B.T)
+
+    model = Promoting(32, 40, 4)
+    backend = runlora_fx.make_backend(inner="aot_eager")
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert backend.reports[0].rewritten == 0
+
+
 def test_gpt2_conv1d_addmm_base():
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -136,13 +136,15 @@ def test_opcheck_4bit_op():
 
 
 class TorchtuneNF4LoRALinear(nn.Module):
-    """torchtune's QLoRA LoRALinear: a torchao NF4Tensor base through ``linear_nf4``."""
+    """torchtune's QLoRA LoRALinear: a torchao NF4Tensor base through ``linear_nf4``, its
+    bias (if any) added after it."""
 
-    def __init__(self, i, o, r):
+    def __init__(self, i, o, r, use_bias=False):
         super().__init__()
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
         self.weight = nn.Parameter(to_nf4(torch.randn(o, i) / i**0.5), requires_grad=False)
+        self.bias = nn.Parameter(0.1 * torch.randn(o), requires_grad=False) if use_bias else None
         self.lora_a = nn.Linear(i, r, bias=False)
         self.lora_b = nn.Linear(r, o, bias=False)
         nn.init.normal_(self.lora_b.weight, std=0.05)
@@ -151,17 +153,22 @@ class TorchtuneNF4LoRALinear(nn.Module):
     def forward(self, x):
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
-        return linear_nf4(input=x, weight=self.weight) + self.scaling * self.lora_b(self.lora_a(x))
+        out = linear_nf4(input=x, weight=self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out + self.scaling * self.lora_b(self.lora_a(x))
 
 
-def nf4_model():
+def nf4_model(use_bias=False):
     pytest.importorskip("torchao", reason="the torchtune-style QLoRA test needs torchao (in the test extra)")
     torch.manual_seed(0)
-    return nn.Sequential(TorchtuneNF4LoRALinear(256, 512, 8), nn.GELU(), TorchtuneNF4LoRALinear(512, 256, 8))
+    return nn.Sequential(TorchtuneNF4LoRALinear(256, 512, 8, use_bias), nn.GELU(),
+                         TorchtuneNF4LoRALinear(512, 256, 8, use_bias))
 
 
-def test_torchao_nf4_base_all_sites_rewritten_and_training_matches():
-    assert_same_training(nf4_model(), lambda: torch.randn(2, 6, 256, requires_grad=True),
+@pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
+def test_torchao_nf4_base_all_sites_rewritten_and_training_matches(use_bias):
+    assert_same_training(nf4_model(use_bias), lambda: torch.randn(2, 6, 256, requires_grad=True),
                          lambda m, x: m(x).pow(2).mean(), expect_sites=2, steps=5)
 
 

@@ -41,6 +41,8 @@ keys are unaffected):
 - ``sites[].kind``: "lora" or "dora"; for "dora", ``norm_plan`` (norm_lowrank | norm_merged)
   and ``dora_form`` (peft | torchtune), ``forward_costs`` keyed "forward/norm" and
   ``needs.magnitude``.
+- ``sites[].base_format``: the packed format of a 4-bit base ("bnb_nf4", "bnb_fp4",
+  "torchao_nf4"; ``ops/quantized.py``), or null for a dense W. The table shows it after the dtype.
 - ``sites[].group``: the sibling group computing this site (``passes/group.py``), as
   "g0: path, path, ..." listing its members; null when the site has its own op.
 - ``sites[].group_note``: why a site with siblings (same x) was not grouped, or null.
@@ -94,6 +96,7 @@ class SiteReport:
     # (choose/lora_product.py); the bytes it keeps from forward to backward (the opaque op keeps 0).
     lora_product: Optional[str] = None
     lora_product_bytes: Optional[int] = None
+    base_format: Optional[str] = None  # a 4-bit base's packed format (ops/quantized.py), None when dense
 
     @property
     def flops_saved_pct(self) -> Optional[float]:
@@ -203,7 +206,8 @@ class RewriteReport:
         for s in self.sites:
             rows.append([
                 s.path, s.n if s.n_hint is None or s.n == str(s.n_hint) else f"{s.n} (~{s.n_hint})",
-                str(s.i), str(s.o), str(s.r), s.dtype + (f"->{s.adapter_dtype}" if s.adapter_dtype else ""),
+                str(s.i), str(s.o), str(s.r),
+                s.dtype + (f"->{s.adapter_dtype}" if s.adapter_dtype else "") + (f" [{s.base_format}]" if s.base_format else ""),
                 _costs(s.forward_costs), _costs(s.backward_costs),
                 f"{s.forward_plan} / {s.backward_plan}" + (f" / {s.norm_plan} (DoRA)" if s.kind == "dora" else ""),
                 "-" if s.flops_saved_pct is None else f"{s.flops_saved_pct:.1f}%",

@@ -11,9 +11,18 @@ and returns ``(Y, v, c)``: v = the unscaled LoRA-layer output the magnitude grad
 graph reads ``getitem(op, 0)``. The plans (``norm_plan``, ``forward_plan``, ``backward_plan``)
 are string arguments, kept by torch.compile, torch.export and save/load.
 
+``runlora::dora_linear_4bit`` is the same layer on a packed 4-bit W (QDoRA: peft on a
+bitsandbytes ``Linear4bit``, torchtune on a torchao NF4Tensor as torch.export unwraps it),
+taking W as ``runlora.lora_linear_4bit`` does (``qtensors``, ``quant_type``, ``quant_args``,
+``shape``; ``ops/quantized.py``). It dequantizes W once per forward for the base GEMM and the
+norm together, again in backward only when dX is needed, and saves the packed weight, never
+the dequantized one.
+
 ``runlora::row_sq_norms(W)`` gives ‖W‖²_row for ``norm_lowrank``, computed once per frozen W:
 cached on W's identity, data pointer and version counter (``W._version``), so an in-place
 change of W (a merge, an optimizer step on an unfrozen W) recomputes it.
+``runlora::row_sq_norms_4bit`` is the same for a packed W, cached on the packed tensor, so
+a hit dequantizes nothing.
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..plans import Needs, catalogue, parse_plan, resolve_plan
 from ..plans.dora import DORA_FORMS, dora_backward, dora_forward, norm_plan
+from .quantized import QUANT_FORMATS, dequantize_4bit
 
-__all__ = ["dora_linear", "row_sq_norms", "check_dora_args", "clear_row_norm_cache", "row_norm_cache_info"]
+__all__ = ["dora_linear", "dora_linear_4bit", "row_sq_norms", "row_sq_norms_4bit", "check_dora_args",
+           "clear_row_norm_cache", "row_norm_cache_info"]
 
 _WHERE = "runlora.dora_linear"
-_CACHE: dict = {}  # id(W) -> (weakref(W), data_ptr, version, shape, dtype, sq_norms)
+_CACHE: dict = {}  # (id(owner), what) -> (weakref(owner), (data_ptr, version, shape, dtype), sq_norms)
 _STATS = {"hits": 0, "misses": 0}
 
 
@@ -47,22 +58,38 @@ def row_norm_cache_info() -> dict:
     return {**_STATS, "entries": len(_CACHE)}
 
 
-def _cached_sq_norms(weight: Tensor) -> Tensor:
-    key = id(weight)
-    entry = _CACHE.get(key)
-    state = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    if entry is not None and entry[0]() is weight and entry[1:5] == state:
-        _STATS["hits"] += 1
-        return entry[5]
-    _STATS["misses"] += 1
+def _sq_norms(weight: Tensor) -> Tensor:
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    sq = weight.detach().to(acc).square().sum(dim=1)
+    return weight.detach().to(acc).square().sum(dim=1)
+
+
+def _cached(owner: Tensor, what: tuple, compute) -> Tensor:
+    """``compute()`` cached on ``owner`` (its identity, data pointer, version and shape) and ``what``."""
+    key = (id(owner), what)
+    entry = _CACHE.get(key)
+    state = (owner.data_ptr(), owner._version, tuple(owner.shape), owner.dtype)
+    if entry is not None and entry[0]() is owner and entry[1] == state:
+        _STATS["hits"] += 1
+        return entry[2]
+    _STATS["misses"] += 1
+    sq = compute()
     try:
-        ref = weakref.ref(weight, lambda _, k=key: _CACHE.pop(k, None))
+        ref = weakref.ref(owner, lambda _, k=key: _CACHE.pop(k, None))
     except TypeError:  # not weak-referenceable: do not cache
         return sq
-    _CACHE[key] = (ref, *state, sq)
+    _CACHE[key] = (ref, state, sq)
     return sq
+
+
+def _cached_sq_norms(weight: Tensor) -> Tensor:
+    return _cached(weight, (), lambda: _sq_norms(weight))
+
+
+def _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, dtype) -> Tensor:
+    """‖dequant(W)‖²_row, cached on the packed tensor (qtensors[0]): a hit dequantizes nothing."""
+    what = (quant_type, tuple(quant_args), tuple(shape), dtype)
+    return _cached(qtensors[0], what,
+                   lambda: _sq_norms(dequantize_4bit(qtensors, quant_type, quant_args, shape, dtype)))
 
 
 @torch.library.custom_op("runlora::row_sq_norms", mutates_args=())
@@ -75,6 +102,20 @@ def row_sq_norms(weight: Tensor) -> Tensor:
 def _row_sq_norms_fake(weight):
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     return weight.new_empty((weight.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op("runlora::row_sq_norms_4bit", mutates_args=())
+def row_sq_norms_4bit(qtensors: list[Optional[Tensor]], quant_type: str, quant_args: list[int], shape: list[int],
+                      dtype: torch.dtype) -> Tensor:
+    """‖W‖²_row of the packed 4-bit W dequantized to ``dtype`` (fp32 for a low-precision
+    dtype), cached per packed tensor and its version counter."""
+    return _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, dtype).clone()
+
+
+@row_sq_norms_4bit.register_fake
+def _row_sq_norms_4bit_fake(qtensors, quant_type, quant_args, shape, dtype):
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return qtensors[0].new_empty((shape[0],), dtype=acc)
 
 
 def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm, forward_plan,
@@ -176,13 +217,119 @@ def _backward(ctx, grad_y, _grad_v, _grad_c):
 dora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- on a packed 4-bit W -----------------------------------------------------------------
+def _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form, norm,
+                forward_plan, backward_plan):
+    fmt = QUANT_FORMATS.get(quant_type)
+    if fmt is None:
+        raise ValueError(f"runlora.dora_linear_4bit: quant_type must be one of {sorted(QUANT_FORMATS)}; "
+                         f"got {quant_type!r}")
+    if len(qtensors) != len(fmt.tensors) or len(quant_args) != len(fmt.args) or len(shape) != 2:
+        raise ValueError(f"runlora.dora_linear_4bit: {quant_type} takes tensors {list(fmt.tensors)}, args "
+                         f"{list(fmt.args)} and shape [out, in]; got {len(qtensors)} tensors, {len(quant_args)} "
+                         f"args and shape {list(shape)}")
+    weight_like = x.new_empty(()).expand(*shape)  # shape, dtype and device of W, no memory
+    check_dora_args(x, weight_like, bias, lora_A, lora_B, magnitude, x_lora, form, norm, forward_plan,
+                    backward_plan)
+
+
+@torch.library.custom_op("runlora::dora_linear_4bit", mutates_args=())
+def dora_linear_4bit(
+    x: Tensor,
+    qtensors: list[Optional[Tensor]],
+    quant_type: str,
+    quant_args: list[int],
+    shape: list[int],
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    x_lora: Optional[Tensor] = None,
+    form: str = "peft",
+    norm_plan: str = "norm_lowrank",
+    forward_plan: str = "forward1",
+    backward_plan: str = "backward1",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y, v, c) of a DoRA layer on a packed 4-bit W, dequantized to x's dtype."""
+    _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form,
+                norm_plan, forward_plan, backward_plan)
+    o, i = shape
+    weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype)
+    y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling,
+                           None if x_lora is None else x_lora.reshape(-1, i), form, norm_plan, forward_plan,
+                           lambda _: _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, x.dtype))
+    return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
+
+
+@dora_linear_4bit.register_fake
+def _dora_linear_4bit_fake(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling,
+                           x_lora=None, form="peft", norm_plan="norm_lowrank", forward_plan="forward1",
+                           backward_plan="backward1"):
+    _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form,
+                norm_plan, forward_plan, backward_plan)
+    out = (*x.shape[:-1], shape[0])
+    return x.new_empty(out), x.new_empty(out), x.new_empty((shape[0],))
+
+
+_N_ARGS_4BIT = 15
+_X4, _QTENSORS4, _A4, _B4, _M4, _XL4 = 0, 1, 6, 7, 8, 10  # argument positions
+
+
+def _setup_context_4bit(ctx, inputs, output):
+    (x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, _, _,
+     backward_plan) = inputs
+    if bias is not None and bias.requires_grad:
+        raise RuntimeError(f"runlora.dora_linear_4bit: bias of shape {tuple(bias.shape)} requires grad, expected a "
+                           "frozen base layer; freeze it or do not rewrite this layer")
+    _, v, c = output
+    ctx.save_for_backward(x, lora_A, lora_B, magnitude, x_lora, v, c, *qtensors)
+    ctx.meta = (quant_type, list(quant_args), list(shape), scaling, form, backward_plan)
+    ctx.mark_non_differentiable(v, c)
+
+
+def _backward_4bit(ctx, grad_y, _grad_v, _grad_c):
+    x, lora_A, lora_B, magnitude, x_lora, v, c, *qtensors = ctx.saved_tensors
+    quant_type, quant_args, shape, scaling, form, backward_plan = ctx.meta
+    passed = len(ctx.needs_input_grad)
+    need = tuple(ctx.needs_input_grad) + (False,) * (_N_ARGS_4BIT - passed)
+    o, i = shape
+    needs = Needs(x=bool(need[_X4] or need[_XL4]), lora_A=bool(need[_A4]), lora_B=bool(need[_B4]))
+    weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype) if needs.x else None
+    gx, gxl, ga, gb, gm = dora_backward(
+        grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude, scaling,
+        None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, form, backward_plan, needs,
+        bool(need[_M4]))
+    grads = [None] * _N_ARGS_4BIT
+    # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
+    grads[_QTENSORS4] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None
+    grads[_X4] = gx.reshape(x.shape) if need[_X4] and gx is not None else None
+    grads[_A4] = ga if need[_A4] else None
+    grads[_B4] = gb if need[_B4] else None
+    grads[_M4] = gm if need[_M4] else None
+    grads[_XL4] = gxl.reshape(x.shape) if need[_XL4] and gxl is not None else None
+    return tuple(grads[:passed])
+
+
+dora_linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_context_4bit)
+
+
+def _flops(x_shape, o, i, r, norm, forward_plan) -> int:
+    n = math.prod(x_shape[:-1])
+    fplan = resolve_plan(forward_plan, n, "forward")
+    norm_flops = norm_plan(norm).flops(fplan.merged).xreplace({catalogue.i: i, catalogue.o: o, catalogue.r: r})
+    return int(fplan.flops(n, i, o, r) + norm_flops)
+
+
 @register_flop_formula(torch.ops.runlora.dora_linear)
 def _dora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, m_shape, scaling, x_lora_shape=None,
                        form="peft", norm="norm_lowrank", forward_plan="forward1", backward_plan="backward1",
                        *args, **kwargs):
-    o, i = weight_shape
-    n = math.prod(x_shape[:-1])
-    r = a_shape[0]
-    fplan = resolve_plan(forward_plan, n, "forward")
-    norm_flops = norm_plan(norm).flops(fplan.merged).xreplace({catalogue.i: i, catalogue.o: o, catalogue.r: r})
-    return int(fplan.flops(n, i, o, r) + norm_flops)
+    return _flops(x_shape, *weight_shape, a_shape[0], norm, forward_plan)
+
+
+@register_flop_formula(torch.ops.runlora.dora_linear_4bit)
+def _dora_linear_4bit_flops(x_shape, qtensors_shape, quant_type, quant_args, shape, bias_shape, a_shape, b_shape,
+                            m_shape, scaling, x_lora_shape=None, form="peft", norm="norm_lowrank",
+                            forward_plan="forward1", backward_plan="backward1", *args, **kwargs):
+    return _flops(x_shape, *shape, a_shape[0], norm, forward_plan)

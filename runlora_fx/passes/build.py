@@ -12,6 +12,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from .._compat import detect_fake_mode
 from .nodes import WeightRef, is_metadata_assert, meta_value
@@ -41,8 +42,8 @@ def new_call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
     """A new ``call_function`` node with ``like``'s provenance and its fake value computed from its inputs."""
     node = graph.call_function(target, args)
     copy_provenance(node, like)
-    vals = [meta_value(a) if isinstance(a, fx.Node) else a for a in args]
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    vals = list(fx.node.map_arg(tuple(args), meta_value))  # nodes inside lists too (a 4-bit op's qtensors)
+    tensors = [v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
     mode = next((v.fake_mode for v in tensors if hasattr(v, "fake_mode")), None) or detect_fake_mode(tensors)
     if target is operator.getitem and isinstance(vals[0], (tuple, list)):
         set_value(node, vals[0][vals[1]], like)

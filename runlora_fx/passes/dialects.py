@@ -14,6 +14,8 @@ is one record (and its reader); the matcher does not change.
     broadcast bmm                 decomposed ATen IR (o_proj)        view(bmm(view(expand(x)), view(expand(W.T))))
     bitsandbytes gemm_4bit        Dynamo / export, x without grad    gemm_4bit(x, packed, [o, i], absmax, ...)
     4-bit autograd region         Dynamo, strict torch.export        autograd_function_apply / wrap_with_set_grad_enabled(...)[0]
+    bias added after              torchtune QLoRA/DoRA with bias,    <any of the above, no bias> + b
+                                  hand-written x @ W.T + b
 
 The 4-bit readers live in ``quantized.py``; scales, adds and value-preserving casts are
 read here too (``as_scale``, ``as_add``, ``strip_noop``).
@@ -183,6 +185,27 @@ def _as_broadcast_bmm(node: fx.Node, bmm: fx.Node) -> Optional[LinearView]:
     return LinearView(node, x, ref[0], None, nodes)
 
 
+def _read_bias_add(node: fx.Node) -> Optional[LinearView]:
+    """``linear(x, W) + b``: a bias-free linear map (any dialect above) plus a bias of shape (o,)
+    in the output's dtype, added after it (torchtune's QLoRA and DoRA write
+    ``linear_nf4(x, W) + b``; by hand, ``x @ W.T + b``)."""
+    operands = as_add(node)
+    if operands is None:
+        return None
+    out_val = meta_value(node)
+    for lin_side, bias in (operands, operands[::-1]):
+        if not isinstance(lin_side, fx.Node) or not isinstance(bias, fx.Node) or len(lin_side.users) != 1:
+            continue
+        view = as_linear(lin_side)
+        lin_val, bias_val = meta_value(lin_side), meta_value(bias)
+        if view is None or view.bias is not None or not is_tensor_value(lin_val) or not is_tensor_value(bias_val):
+            continue
+        if (tuple(bias_val.shape) == (lin_val.shape[-1],) and bias_val.dtype == lin_val.dtype
+                and getattr(out_val, "dtype", None) == lin_val.dtype):
+            return dataclasses.replace(view, out=node, bias=bias, nodes=(node,) + tuple(view.nodes))
+    return None
+
+
 def _owning_module(node: fx.Node):
     root = node.graph.owning_module
     try:
@@ -202,6 +225,8 @@ LINEAR_DIALECTS: tuple[LinearDialect, ...] = (
     LinearDialect("bitsandbytes gemm_4bit", "Dynamo / export, x without grad", quantized.read_bnb_gemm),
     LinearDialect("4-bit autograd region", "Dynamo (MatMul4Bit, linear_nf4), strict torch.export",
                   quantized.read_quantized_region),
+    # Last: its reader asks every record above what the add's other operand is.
+    LinearDialect("bias added after", "torchtune QLoRA/DoRA with bias, x @ W.T + b", _read_bias_add),
 )
 
 

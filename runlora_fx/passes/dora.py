@@ -26,13 +26,30 @@ computes the norms by its norm plan (``plans/dora.py``). Legality is ``can_rewri
 (a reason string when not); the plans are ``choose/dora.py``'s. DoRA sites are rewritten
 before the LoRA matcher runs, so no DoRA subgraph is read as a LoRA site.
 
+On a 4-bit base (QDoRA) the base linear is one of the 4-bit dialects (``quantized.py``) and the
+norm reads W dequantized in the graph (``quantized.read_dequantized_weight``), which must be the
+same packed weight::
+
+    result = gemm_4bit(x, packed.view(-1, 1), [o, i], absmax, 64, 'nf4', bias=b, ...)   # or its region
+    weight = runlora.dequantize_4bit([packed, absmax, ...], 'bnb_nf4', [64], [o, i], float32, 'forward')
+    weight_norm = linalg_norm(weight + 2.0 * lora_weight.detach(), dim=1).detach()  # ... as above
+
+Rewrite to ``runlora.dora_linear_4bit(x, [packed, absmax, ...], 'bnb_nf4', [64], [o, i], b, A, B,
+magnitude, 2.0, x_lora, 'peft', norm, forward, backward)``, or, on a torchao NF4Tensor under
+Dynamo, ``lower.dora_linear_nf4(x, nf4_weight, ...)``. Both dequantize W once per forward for the
+base GEMM and the norm together, and save the packed weight, never a dequantized one.
+``rewrite_4bit`` (``options.py``) applies as to LoRA sites.
+
 peft's ``dequantize_module_weight`` (on every DoRA forward) graph-breaks Dynamo on torch 2.13
 (``str.startswith`` on a class's ``__module__``), which splits each DoRA layer across graphs.
 ``make_peft_dora_traceable`` registers a Dynamo polyfill for it that returns a plain dense
-weight as peft does and defers every other weight to peft's own function (run eagerly). It is
-installed once peft is imported: at import here, by ``make_backend`` and ``explain``, and when
-Dynamo starts compiling a frame (``backend="runlora"``; ``torch._dynamo.reset()`` drops that
-hook, the first two remain).
+weight as peft does, spells a bitsandbytes ``Params4bit`` as the ``runlora.dequantize_4bit`` call
+above (bitsandbytes' own ops, bit for bit), and defers every other weight to peft's own function
+(run eagerly). It is installed once peft is imported: at import here, by ``make_backend`` and
+``explain``, and when Dynamo starts compiling a frame (``backend="runlora"``;
+``torch._dynamo.reset()`` drops that hook, the first two remain). A strict ``torch.export`` of
+such a model needs it in place before exporting: import runlora_fx after peft, or call
+``runlora_fx.make_peft_dora_traceable()``.
 """
 
 from __future__ import annotations
@@ -55,9 +72,11 @@ from ..inspection.report import SiteReport, cost_entry
 from ..options import RewriteOptions
 from ..plans import FORWARD_PLANS, Needs, parse_plan
 from .build import new_call
+from .lower import dora_linear_nf4
 from .dialects import as_add, as_linear, as_scale, strip_casts, strip_noop, strip_transposes
 from .match import Rejection, module_path, to_sympy
 from .nodes import LinearView, aten, is_call, is_identity_matrix, is_metadata_assert, meta_value
+from .quantized import base_format, left_to_library, read_dequantized_weight, same_packed_weight
 
 __all__ = ["DoraSite", "can_rewrite_dora", "find_dora_sites", "make_peft_dora_traceable", "match_dora",
            "plan_dora_site", "rewrite_dora"]
@@ -99,6 +118,11 @@ class DoraSite:
     @property
     def separate_lora_input(self) -> bool:
         return self.x_lora is not None
+
+    @property
+    def quant(self) -> Optional[dict]:
+        """The 4-bit base's format (``LinearView.quant``), or None for a dense W."""
+        return self.base.quant
 
 
 # --- reading the graph -------------------------------------------------------------------
@@ -292,15 +316,19 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
     base = as_linear(base_core)
     if base is None:
         return "the DoRA term is not added to a linear base output"
+    dequantizing = ()
     if base.quant is not None:
-        return "DoRA on a 4-bit base is not rewritten (peft dequantizes W in the graph for the norm)"
-    if strip_casts(nrm.weight) is strip_casts(base.weight.node) and not _same_source(base.weight.node, nrm.weight):
-        w_dtype = getattr(meta_value(base.weight.node), "dtype", None)
-        to_dtype = getattr(meta_value(nrm.weight), "dtype", None)
-        return (f"DoRA dtypes are mixed: the norm casts W ({w_dtype}) to {to_dtype} "
-                "(adapters in another dtype than the base, e.g. peft's fp32 adapters on a bf16 base): not rewritten")
-    if not _same_source(base.weight.node, nrm.weight) or base.weight.transposed:
-        return "the DoRA norm's weight is not the base layer's weight (dequantized or computed in the graph?)"
+        dequantizing = _dequantized_base_weight(base, nrm)
+        if isinstance(dequantizing, str):
+            return dequantizing
+    else:
+        if strip_casts(nrm.weight) is strip_casts(base.weight.node) and not _same_source(base.weight.node, nrm.weight):
+            w_dtype = getattr(meta_value(base.weight.node), "dtype", None)
+            to_dtype = getattr(meta_value(nrm.weight), "dtype", None)
+            return (f"DoRA dtypes are mixed: the norm casts W ({w_dtype}) to {to_dtype} (adapters in another dtype "
+                    "than the base, e.g. peft's fp32 adapters on a bf16 base): not rewritten")
+        if not _same_source(base.weight.node, nrm.weight) or base.weight.transposed:
+            return "the DoRA norm's weight is not the base layer's weight (dequantized or computed in the graph?)"
     x = strip_noop(base.x)[0]
     x_l = strip_noop(a.x)[0]
     x_lora = None if x_l is x else a.x
@@ -312,7 +340,7 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
     if bt is base_core:
         # g ⊙ (XWᵀ + b) + g ⊙ s·lora(X_l): torchtune's; without bias and dropout it is peft's too
         form = "torchtune" if base.bias is not None or x_lora is not None else "peft"
-    elif subtract is not None and subtract[0] is base_core and base.bias is not None and subtract[1] is base.bias:
+    elif subtract is not None and _same_source(subtract[0], base_core) and base.bias is not None and _same_source(subtract[1], base.bias):
         form = "peft"
         term_nodes.append(bt)
         if x_lora is not None:
@@ -325,9 +353,27 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
             return "peft's second base GEMM reads another input than the LoRA branch"
         form = "peft"
         term_nodes += list(second.nodes)
-    nodes = (list(nrm.nodes) + chain + lora_nodes + [sub, mul_base, dora, *term_nodes, *base_chain, *base.nodes])
+    nodes = (list(nrm.nodes) + chain + lora_nodes + [sub, mul_base, dora, *term_nodes, *base_chain, *base.nodes,
+                                                      *dequantizing])
     site_or_reason = can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes)
     return site_or_reason
+
+
+def _dequantized_base_weight(base: LinearView, nrm: _Norm):
+    """The nodes that dequantize the 4-bit base's W for the norm (``quantized.read_dequantized_weight``),
+    or the reason the norm reads something else."""
+    found = read_dequantized_weight(nrm.weight)
+    if found is None:
+        src = strip_casts(nrm.weight)
+        if src is not nrm.weight and read_dequantized_weight(src) is not None:
+            return (f"DoRA dtypes are mixed: the norm casts the dequantized 4-bit W "
+                    f"({getattr(meta_value(src), 'dtype', None)}) to {getattr(meta_value(nrm.weight), 'dtype', None)}: "
+                    "not rewritten")
+        return "the DoRA norm's weight is not the 4-bit base layer's W dequantized in the graph"
+    quant, nodes = found
+    if not same_packed_weight(base.quant, quant):
+        return "the DoRA norm dequantizes another 4-bit weight than the base layer's"
+    return nodes
 
 
 def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
@@ -375,7 +421,7 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
         if isinstance(node, fx.Node) and not all(u in matched or u is final or is_metadata_assert(u)
                                                  for u in node.users):
             return f"intermediate {node.name} has a user outside the DoRA subgraph"
-    for src in (nrm.weight, magnitude, a.weight.node, b.weight.node):
+    for src in (magnitude, a.weight.node, b.weight.node) + (() if base.quant is not None else (nrm.weight,)):
         if src in matched:
             return "a DoRA weight is computed inside the matched subgraph"
     x_grad = _requires_grad(x) or (x_lora is not None and _requires_grad(x_lora))
@@ -457,7 +503,7 @@ def _dora_report(site: DoraSite, choice: DoraChoice) -> SiteReport:
         forward_plan=str(choice.forward), backward_plan=str(choice.backward),
         forward_costs=f_costs, backward_costs=b_costs, original_flops=original, chosen_flops=chosen,
         activation_bytes_saved=None, criterion=choice.plans.criterion, criterion_note=choice.plans.note,
-        kind="dora", norm_plan=choice.norm, dora_form=site.form,
+        kind="dora", norm_plan=choice.norm, dora_form=site.form, base_format=base_format(site.quant),
     )
 
 
@@ -466,15 +512,27 @@ def _rewrite_site(gm: fx.GraphModule, site: DoraSite, choice: DoraChoice) -> Non
     graph = gm.graph
     final = site.add
     with graph.inserting_before(final):
-        args = (site.x, site.weight, site.base.bias, site.a.weight.node, site.b.weight.node, site.magnitude,
-                float(site.scaling), site.x_lora, site.form, choice.norm, str(choice.forward), str(choice.backward))
-        op = new_call(graph, torch.ops.runlora.dora_linear.default, args, final)
+        op = new_call(graph, *_dora_call(site, choice), final)
         out = new_call(graph, operator.getitem, (op, 0), final)
         key = "example_value" if "example_value" in final.meta else "val"
         if key in final.meta:
             out.meta[key] = final.meta[key]
     final.replace_all_uses_with(out)
     _erase_dead(graph, [final, *site.nodes])
+
+
+def _dora_call(site: DoraSite, choice: DoraChoice) -> tuple:
+    """The target and arguments for a site's base: dense, a packed 4-bit weight, or an NF4Tensor."""
+    lora = (site.a.weight.node, site.b.weight.node, site.magnitude, float(site.scaling), site.x_lora, site.form,
+            choice.norm, str(choice.forward), str(choice.backward))
+    quant = site.quant
+    if quant is None:
+        return torch.ops.runlora.dora_linear.default, (site.x, site.weight, site.base.bias, *lora)
+    if quant["quant_type"] == "torchao_nf4_tensor":
+        return dora_linear_nf4, (site.x, quant["weight"], site.base.bias, *lora)
+    return torch.ops.runlora.dora_linear_4bit.default, (
+        site.x, list(quant["qtensors"]), quant["quant_type"], list(quant["quant_args"]), list(quant["shape"]),
+        site.base.bias, *lora)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list) -> None:
@@ -505,18 +563,26 @@ def rewrite_dora(gm: fx.GraphModule, options: RewriteOptions, *, dry_run: bool =
 
     Returns:
         (SiteReport per rewritten site, with ``kind="dora"``; Rejection per DoRA-like layer left
-        alone; the names of the nodes the sites cover, which the LoRA matcher must not report).
+        alone; the names of the nodes the matched sites cover, which the LoRA matcher must not
+        report; the DoraSites rewritten, or that a dry run would rewrite).
     """
-    sites, rejected = find_dora_sites(gm.graph)
+    found, rejected = find_dora_sites(gm.graph)
+    sites = []
+    for site in found:
+        why = left_to_library(site.base, site.x, options)
+        if why is None:
+            sites.append(site)
+        else:
+            rejected.append(Rejection(site.path, site.add.name, why))
     choices = [plan_dora_site(s, options) for s in sites]
     reports = [_dora_report(s, c) for s, c in zip(sites, choices)]
-    covered = {n.name for s in sites for n in (s.add, *s.nodes) if isinstance(n, fx.Node)}
+    covered = {n.name for s in found for n in (s.add, *s.nodes) if isinstance(n, fx.Node)}
     if not dry_run and sites:
         for site, choice in zip(sites, choices):
             _rewrite_site(gm, site, choice)
         gm.graph.lint()
         gm.recompile()
-    return reports, rejected, covered
+    return reports, rejected, covered, sites
 
 
 # --- peft under Dynamo -------------------------------------------------------------------
@@ -537,12 +603,29 @@ def make_peft_dora_traceable() -> bool:
     @torch.compiler.substitute_in_graph(original)
     def dequantize_module_weight(module):
         weight = module.weight
+        if hasattr(module, "W_q"):  # HQQ
+            return _peft_dequantize(module)
+        if getattr(weight, "quant_state", None) is not None and getattr(weight, "bnb_quantized", False):
+            return _bnb_dequantized(weight)  # a 4-bit Params4bit (strict export may report it as a Parameter)
         # peft returns a dense (non-quantized) weight unchanged: Parameter or plain Tensor.
-        if type(weight) in (torch.nn.Parameter, torch.Tensor) and not hasattr(module, "W_q"):
+        if type(weight) in (torch.nn.Parameter, torch.Tensor):
             return weight
         return _peft_dequantize(module)
 
     return True
+
+
+def _bnb_dequantized(weight):
+    """A bitsandbytes ``Params4bit`` dequantized as ``bitsandbytes.functional.dequantize_4bit``
+    does (same ops, same dtype), spelled as one ``runlora.dequantize_4bit`` call the DoRA
+    matcher reads as the base layer's W."""
+    state = weight.quant_state
+    if state.nested:
+        qtensors = [weight, state.state2.absmax, state.absmax, state.state2.code, state.offset]
+    else:
+        qtensors = [weight, state.absmax, None, None, None]
+    return torch.ops.runlora.dequantize_4bit(qtensors, f"bnb_{state.quant_type}", [int(state.blocksize)],
+                                             [int(d) for d in state.shape], state.dtype, "forward")
 
 
 @torch.compiler.disable

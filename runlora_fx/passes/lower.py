@@ -1,4 +1,5 @@
-"""Lower ``runlora.lora_linear`` / ``lora_linear_4bit`` nodes into their chosen ATen chain for inductor.
+"""Lower ``runlora.lora_linear`` / ``lora_linear_4bit`` nodes (and the group and DoRA ops, the
+same way) into their chosen ATen chain for inductor.
 
 Matches (the rewritten torch-level graph)::
 
@@ -21,6 +22,8 @@ installing a guard: every plan is exact, so a dynamic graph stays one graph and 
 plan for other n may be the costlier one (the opaque op, by contrast, resolves the
 piecewise plan on every call). Unlike the op, the chain may keep forward1's n×r X_l·Aᵀ for dB
 (``choose/lora_product.py``; ``save_lora_product`` on the call), decided when it is traced.
+``runlora.dora_linear`` and ``dora_linear_4bit`` lower to one autograd.Function the same way
+(``_LoweredDoRA``), a 4-bit W dequantized once per forward for the base GEMM and the norm.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ..plans import Needs, forward1_with_lora_product, resolve_plan
 from ..plans.dora import dora_backward, dora_forward
 from .subgraphs import region_bodies
 
-__all__ = ["lowered_dora_linear", "lowered_lora_linear", "lowered_lora_linear_4bit", "lowered_lora_linear_group", "lora_linear_nf4",
+__all__ = ["dora_linear_nf4", "lowered_dora_linear", "lowered_dora_linear_4bit", "lowered_lora_linear", "lowered_lora_linear_4bit", "lowered_lora_linear_group", "lora_linear_nf4",
            "lower_runlora_ops"]
 
 
@@ -59,6 +62,14 @@ class _WeightTensor:
             return weight.to(dtype)
         return torch.ops.runlora.dequantize_4bit(nf4[0], "torchao_nf4", nf4[1], list(weight.shape), dtype, phase)
 
+    def sq_norms(self, parts, dtype):
+        """‖W‖²_row in W's accumulation dtype, cached per frozen W at run time (``ops/dora.py``)."""
+        weight = parts[0]
+        nf4 = nf4_parts(weight) if type(weight) is not torch.Tensor else None
+        if nf4 is None:
+            return torch.ops.runlora.row_sq_norms(weight)  # W's own identity: the cache's key
+        return torch.ops.runlora.row_sq_norms_4bit(nf4[0], "torchao_nf4", nf4[1], list(weight.shape), dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Packed4bit:
@@ -74,6 +85,10 @@ class _Packed4bit:
     def materialize(self, parts, dtype, phase):
         return torch.ops.runlora.dequantize_4bit(list(parts), self.quant_type, list(self.quant_args),
                                                  list(self.out_in), dtype, phase)
+
+    def sq_norms(self, parts, dtype):
+        return torch.ops.runlora.row_sq_norms_4bit(list(parts), self.quant_type, list(self.quant_args),
+                                                   list(self.out_in), dtype)
 
 
 def _keeps_product(ctx, x2, lora_A, adapter_dtype, forward_name, backward_plan, n_hint, policy) -> bool:
@@ -169,7 +184,8 @@ def lower_runlora_ops(gm: fx.GraphModule, *, save_lora_product=None) -> int:
     lowered = {torch.ops.runlora.lora_linear.default: lowered_lora_linear,
                torch.ops.runlora.lora_linear_4bit.default: lowered_lora_linear_4bit,
                torch.ops.runlora.lora_linear_group.default: lowered_lora_linear_group,
-               torch.ops.runlora.dora_linear.default: lowered_dora_linear}
+               torch.ops.runlora.dora_linear.default: lowered_dora_linear,
+               torch.ops.runlora.dora_linear_4bit.default: lowered_dora_linear_4bit}
     count = 0
     for module in (gm, *region_bodies(gm)):
         here, changed = 0, False
@@ -263,47 +279,71 @@ _TAKES_SAVE_LORA_PRODUCT = (lowered_lora_linear, lowered_lora_linear_4bit, lora_
 
 # --- DoRA (runlora.dora_linear; ops/dora.py, plans/dora.py) ------------------------------------
 class _LoweredDoRA(torch.autograd.Function):
-    """``runlora.dora_linear`` as its ATen chain (``plans.dora.dora_forward`` / ``dora_backward``).
+    """``runlora.dora_linear`` / ``dora_linear_4bit`` as its ATen chain (``plans.dora.dora_forward``
+    / ``dora_backward``); ``weight`` (a ``_WeightTensor`` or ``_Packed4bit``) turns ``*parts`` into W:
+    in forward, and in backward only when dX is needed.
 
-    Saves x, x_lora, A, B, m, v (the unscaled LoRA-layer output, for dm) and c (the norms);
-    ‖W‖²_row for ``norm_lowrank`` comes from the opaque ``runlora.row_sq_norms``, cached per
-    frozen W at run time, so the compiled step never re-reads W for it.
+    Saves x, x_lora, A, B, m, v (the unscaled LoRA-layer output, for dm), c (the norms) and the
+    weight's parts, never a dequantized W; ‖W‖²_row for ``norm_lowrank`` comes from the opaque
+    ``runlora.row_sq_norms`` (``_4bit``), cached per frozen W at run time, so the compiled step
+    never re-reads W for it.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm, forward_plan,
-                backward_plan):
-        o, i = weight.shape
+    def forward(ctx, x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm, forward_plan, backward_plan,
+                weight, *parts):
+        o, i = weight.shape(*parts)
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
         fplan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward").name
-        y, v, c = dora_forward(x2, weight, bias, lora_A, lora_B, magnitude, scaling, xl2, form, norm, fplan,
-                               torch.ops.runlora.row_sq_norms)
+        w = weight.materialize(parts, x.dtype, "forward")
+        y, v, c = dora_forward(x2, w, bias, lora_A, lora_B, magnitude, scaling, xl2, form, norm, fplan,
+                               lambda _: weight.sq_norms(parts, x.dtype))
         v = v.reshape(*x.shape[:-1], o)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, x_lora, v, c)
-        ctx.scaling, ctx.form, ctx.backward_plan = scaling, form, backward_plan
+        ctx.save_for_backward(x, lora_A, lora_B, magnitude, x_lora, v, c, *parts)
+        ctx.scaling, ctx.form, ctx.backward_plan, ctx.weight = scaling, form, backward_plan, weight
         ctx.mark_non_differentiable(v, c)
         return y.reshape(*x.shape[:-1], o), v, c
 
     @staticmethod
     def backward(ctx, grad_y, _grad_v, _grad_c):
-        x, weight, lora_A, lora_B, magnitude, x_lora, v, c = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        o, i = weight.shape
+        x, lora_A, lora_B, magnitude, x_lora, v, c, *parts = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_m, need_xl = ctx.needs_input_grad[:6]
+        o, i = ctx.weight.shape(*parts)
         g2 = grad_y.reshape(-1, o)
         bplan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward").name
-        needs = Needs(x=bool(need[0] or need[7]), lora_A=bool(need[3]), lora_B=bool(need[4]))
+        needs = Needs(x=bool(need_x or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
+        weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
         gx, gxl, ga, gb, gm = dora_backward(
             g2, x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
             None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, bplan, needs,
-            bool(need[5]))
-        return (gx.reshape(x.shape) if need[0] and gx is not None else None, None, None,
-                ga if need[3] else None, gb if need[4] else None, gm if need[5] else None, None,
-                gxl.reshape(x.shape) if need[7] and gxl is not None else None, None, None, None, None)
+            bool(need_m))
+        grads = (gx.reshape(x.shape) if need_x and gx is not None else None, None,
+                 ga if need_a else None, gb if need_b else None, gm if need_m else None,
+                 gxl.reshape(x.shape) if need_xl and gxl is not None else None)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
                         norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
     """Same contract as ``torch.ops.runlora.dora_linear`` (returns (Y, v, c)), as traceable ATen calls."""
-    return _LoweredDoRA.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan,
-                              forward_plan, backward_plan)
+    return _LoweredDoRA.apply(x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm_plan, forward_plan,
+                              backward_plan, _WeightTensor(), weight)
+
+
+def lowered_dora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling,
+                             x_lora=None, form="peft", norm_plan="norm_lowrank", forward_plan="forward1",
+                             backward_plan="backward1"):
+    """Same contract as ``torch.ops.runlora.dora_linear_4bit``, as traceable calls."""
+    weight = _Packed4bit(quant_type, tuple(int(a) for a in quant_args), tuple(int(d) for d in shape))
+    return _LoweredDoRA.apply(x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm_plan, forward_plan,
+                              backward_plan, weight, *qtensors)
+
+
+def dora_linear_nf4(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
+                    norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
+    """The DoRA layer on a torchao ``NF4Tensor`` base (torchtune's QDoRA), as ``lora_linear_nf4``
+    is the LoRA one: a torch.library op cannot take the subclass, so this is the lowered
+    autograd.Function, traced subclass and all. Returns (Y, v, c)."""
+    return lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan,
+                               forward_plan, backward_plan)

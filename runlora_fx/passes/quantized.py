@@ -18,6 +18,16 @@ Four spellings, all read as ``x @ dequant(W).T (+ bias)``:
 Dynamo form keeps the NF4Tensor node itself (``quant_type`` "torchao_nf4_tensor"), which
 only the lowered autograd.Function can take.
 
+A 4-bit W dequantized in the graph (DoRA's norm reads it) is read by ``read_dequantized_weight``
+in four spellings, each compared with the base layer's ``quant`` by ``same_packed_weight``::
+
+    runlora.dequantize_4bit([packed, absmax, ...], 'bnb_nf4', [64], [o, i], dtype, phase)
+                                        # peft's dequantize_module_weight under Dynamo (passes/dora.py)
+    bitsandbytes.dequantize_4bit(packed, absmax', 64, 'nf4', [o, i], dtype)
+                                        # absmax' = dequantize_blockwise(absmax_8bit, absmax, code, 256) + offset
+    nf4_weight.to(dtype)                # torchao's NF4Tensor, Dynamo
+    <aten chain over the five inner tensors>   # torchao's NF4Tensor, torch.export
+
 An exported NF4 dequantization chain is accepted only after it is checked: it is run on
 random inner tensors and must equal ``ops.quantized.dequantize_4bit`` bit for bit (once per distinct
 chain). A chain that computes anything else is not read as a 4-bit base.
@@ -32,11 +42,15 @@ import torch
 import torch.fx as fx
 
 from ..ops.quantized import dequantize_4bit
-from .nodes import LINEAR_FNS, LinearView, WeightRef, arg, cast_dtype, is_call, meta_value, strip_flatten
+from .nodes import LINEAR_FNS, LinearView, WeightRef, arg, aten, cast_dtype, is_call, meta_value, strip_flatten
 
-__all__ = ["as_nf4_chain_weight", "read_bnb_gemm", "read_quantized_region", "restores_dx"]
+__all__ = ["as_nf4_chain_weight", "base_format", "left_to_library", "read_bnb_gemm", "read_dequantized_weight", "read_quantized_region", "restores_dx",
+           "same_packed_weight"]
 
 _BNB_GEMM = "bitsandbytes::gemm_4bit"
+_BNB_DEQUANTIZE = "bitsandbytes::dequantize_4bit"
+_BNB_DEQUANTIZE_BLOCKWISE = "bitsandbytes::dequantize_blockwise"
+_RUNLORA_DEQUANTIZE = "runlora::dequantize_4bit"
 _BNB_ARGS = ("x", "qweight", "shape", "absmax", "blocksize", "quant_type", "bias", "absmax_8bit", "absmax_code",
              "absmax_offset")
 _NF4_INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
@@ -44,8 +58,11 @@ _MAX_CHAIN = 64  # an NF4 dequantization is ~30 ATen nodes
 
 
 def _op_name(target) -> str:
+    """"ns::op" of an OpOverload or of an OpOverloadPacket (Dynamo records either)."""
     name = getattr(target, "name", None)
-    return name() if callable(name) else ""
+    if callable(name):
+        return name()
+    return getattr(target, "_qualified_op_name", "")
 
 
 def is_bnb_gemm(node: fx.Node) -> bool:
@@ -57,6 +74,28 @@ def restores_dx(view: LinearView) -> bool:
     of bitsandbytes' MatMul4Bit or torchao's LinearNF4) although eager autograd flows through
     it: the rewrite gives the exported program the base layer's dX back."""
     return bool(view.quant and view.quant.get("restores_dx"))
+
+
+def base_format(quant: Optional[dict]) -> Optional[str]:
+    """The packed format a report names for a base (``ops/quantized.py``: ``QUANT_FORMATS``), None when dense."""
+    if quant is None:
+        return None
+    return "torchao_nf4" if quant["quant_type"] == "torchao_nf4_tensor" else quant["quant_type"]
+
+
+def left_to_library(view: LinearView, x, options) -> Optional[str]:
+    """Why a site on this 4-bit base is left to its library (``options.rewrites_4bit`` says so
+    for x's device), or None to rewrite it; never a base whose exported graph dropped dX,
+    which only the rewrite gives back."""
+    if view.quant is None or restores_dx(view):
+        return None
+    device = getattr(meta_value(x), "device", "cpu")
+    if options.rewrites_4bit(device):
+        return None
+    if options.rewrite_4bit is False:
+        return "rewrite_4bit=False"
+    return (f"4-bit base on {torch.device(device).type}: left to the library's kernels, measured faster there "
+            "(pass rewrite_4bit=True to rewrite)")
 
 
 def as_bnb_gemm(node: fx.Node) -> LinearView:
@@ -265,3 +304,80 @@ def _chain_is_dequantization(chain: list, weight: fx.Node, access: dict, quant: 
         except Exception:  # noqa: BLE001 - a chain we cannot run is not read as NF4
             _verified[key] = False
     return _verified[key]
+
+
+# --- a 4-bit W dequantized in the graph ----------------------------------------------------
+def _calls(node, name: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and _op_name(node.target) == name
+
+
+def _device_moves(node) -> tuple:
+    """Follows ``t.to(device)`` calls that keep the dtype back to t (bitsandbytes moves its code
+    table): (t, the calls passed)."""
+    passed = []
+    while is_call(node, (), ("to",)) and getattr(meta_value(node), "dtype", None) == getattr(
+            meta_value(node.args[0]), "dtype", None):
+        passed.append(node)
+        node = node.args[0]
+    return node, tuple(passed)
+
+
+def _bnb_absmax(absmax) -> tuple[list, tuple]:
+    """([absmax, absmax_8bit, absmax_code, absmax_offset], nodes) of bitsandbytes' absmax, undone
+    from its double quantization when it is one."""
+    if is_call(absmax, {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}, ("add", "add_")):
+        blockwise, offset = absmax.args[:2]
+        if _calls(blockwise, _BNB_DEQUANTIZE_BLOCKWISE):
+            absmax_8bit, nested_absmax, code = blockwise.args[:3]
+            code, moves = _device_moves(code)
+            return [nested_absmax, absmax_8bit, code, offset], (absmax, blockwise, *moves)
+    return [absmax, None, None, None], ()
+
+
+def read_dequantized_weight(node) -> Optional[tuple[dict, tuple]]:
+    """(quant, nodes): the 4-bit format of a W dequantized in the graph (the module docstring's
+    spellings) as ``LinearView.quant`` holds it, and the nodes that dequantize it; or None.
+    An NF4Tensor read where a dense W is expected counts as its dequantization (``.to`` to its
+    own nominal dtype is stripped as a no-op cast before this reads it)."""
+    if _calls(node, _RUNLORA_DEQUANTIZE):
+        qtensors, quant_type, quant_args, shape = node.args[:4]
+        return {"quant_type": quant_type, "qtensors": list(qtensors), "quant_args": [int(a) for a in quant_args],
+                "shape": [int(d) for d in shape]}, (node,)
+    if _calls(node, _BNB_DEQUANTIZE):
+        packed, absmax, blocksize, quant_type, shape = node.args[:5]
+        absmax_parts, absmax_nodes = _bnb_absmax(absmax)
+        return {"quant_type": f"bnb_{quant_type}", "qtensors": [packed, *absmax_parts], "quant_args": [int(blocksize)],
+                "shape": [int(d) for d in shape]}, (node, *absmax_nodes)
+    nf4, nodes = node, ()
+    if cast_dtype(node) is not None:
+        nf4, nodes = node.args[0], (node,)
+    if isinstance(nf4, fx.Node) and _is_nf4(meta_value(nf4)):
+        return {"quant_type": "torchao_nf4_tensor", "weight": nf4, "shape": [int(d) for d in meta_value(nf4).shape]}, nodes
+    return as_nf4_chain_weight(node)
+
+
+def _root(node):
+    """A tensor's storage owner: views and detaches followed back."""
+    while True:
+        src = strip_flatten(node)
+        if src is node and is_call(node, {aten.detach.default, aten.alias.default, torch.detach}, ("detach",)):
+            src = node.args[0]
+        if src is node:
+            return node
+        node = src
+
+
+def same_packed_weight(base: dict, dequantized: dict) -> bool:
+    """True when two ``quant`` readings name one packed W: the same format, arguments, shape and
+    tensors (views of the packed data count as it)."""
+    if base["quant_type"] != dequantized["quant_type"] or list(base["shape"]) != list(dequantized["shape"]):
+        return False
+    if base["quant_type"] == "torchao_nf4_tensor":
+        return _root(base["weight"]) is _root(dequantized["weight"])
+    if list(base["quant_args"]) != list(dequantized["quant_args"]):
+        return False
+    if "source" in base or "source" in dequantized:
+        return base.get("source") is not None and base.get("source") is dequantized.get("source")
+    pairs = list(zip(base["qtensors"], dequantized["qtensors"]))
+    return len(pairs) == len(base["qtensors"]) == len(dequantized["qtensors"]) and all(
+        (p is None and q is None) or (p is not None and q is not None and _root(p) is _root(q)) for p, q in pairs)

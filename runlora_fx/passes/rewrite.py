@@ -50,7 +50,7 @@ from .lower import lora_linear_nf4
 from .dora import rewrite_dora
 from .match import LoraSite, Rejection, find_sites
 from .nodes import meta_value
-from .quantized import restores_dx
+from .quantized import base_format, left_to_library, restores_dx
 from .subgraphs import region_bodies
 
 __all__ = ["rewrite", "rewrite_sites", "plan_site", "site_facts"]
@@ -59,18 +59,11 @@ log = logging.getLogger("runlora_fx.passes")
 
 
 def _skips_4bit(site: LoraSite, options: RewriteOptions, rejected: list) -> bool:
-    """A 4-bit site left to its library (the report says why); never one whose exported
-    graph dropped dX, which only the rewrite gives back."""
-    if site.base.quant is None or restores_dx(site.base):
-        return False
-    device = getattr(meta_value(site.x), "device", "cpu")
-    if options.rewrites_4bit(device):
-        return False
-    why = "rewrite_4bit=False" if options.rewrite_4bit is False else (
-        f"4-bit base on {torch.device(device).type}: left to the library's kernels, measured faster there "
-        "(pass rewrite_4bit=True to rewrite)")
-    rejected.append(Rejection(site.path, site.add.name, why))
-    return True
+    """A 4-bit site left to its library (the report says why)."""
+    why = left_to_library(site.base, site.x, options)
+    if why is not None:
+        rejected.append(Rejection(site.path, site.add.name, why))
+    return why is not None
 
 
 def plan_site(site: LoraSite, options: RewriteOptions = RewriteOptions()):
@@ -168,7 +161,7 @@ def _site_report(site: LoraSite, choice, options: RewriteOptions) -> SiteReport:
         original_flops=original, chosen_flops=chosen, activation_bytes_saved=act,
         criterion=choice.criterion, criterion_note=choice.note,
         estimated_s=_estimates(choice.estimated), measured_s=None if choice.measured is None else dict(choice.measured),
-        lora_product=product[0], lora_product_bytes=product[1],
+        lora_product=product[0], lora_product_bytes=product[1], base_format=base_format(site.base.quant),
     )
 
 
@@ -355,10 +348,11 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
     graphs = [gm, *region_bodies(gm)]  # and the bodies of checkpointed/wrapped regions (subgraphs.py)
     backups = [_copy_graph(g) for g in graphs]
     try:
-        sites, dora_reports = [], []
+        sites, dora_reports, dora_sites = [], [], []
         for g in graphs:
-            dora_found, dora_rejected, dora_nodes = rewrite_dora(g, options, dry_run=dry_run)  # first: DoRA is not LoRA
+            dora_found, dora_rejected, dora_nodes, rewritten = rewrite_dora(g, options, dry_run=dry_run)  # first: DoRA is not LoRA
             dora_reports += dora_found
+            dora_sites += rewritten
             report.rejected += dora_rejected
             found, rejected = find_sites(g.graph)
             rejected = [r for r in rejected if r.node not in dora_nodes]  # a dry run leaves DoRA's nodes in place
@@ -378,7 +372,8 @@ def rewrite(gm: fx.GraphModule, options: Optional[RewriteOptions] = None, *, gra
                 own = list(zip(*rewrite_groups(g, sites, choices, groups)))  # the ungrouped sites of g
                 if own:
                     rewrite_sites(g, [s for s, _ in own], [c for _, c in own])
-            _warn_restored_dx(sites)
+        if not dry_run:
+            _warn_restored_dx(sites + dora_sites)
     except Exception as exc:  # noqa: BLE001 - the pass must never break a user's compile
         warnings.warn(f"runlora: pass failed, graph left unchanged ({type(exc).__name__}: {exc})", stacklevel=2)
         log.debug("runlora pass failure", exc_info=True)
