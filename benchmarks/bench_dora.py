@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/bench_dora.py --base bnb_nf4  # QDoRA: bitsandbytes NF4 bases (double-quantized)
     .venv/bin/python benchmarks/bench_dora.py --dropout 0.1   # peft's dropout form (a second base GEMM)
 
-One thread (``torch.set_num_threads(1)``), fp32, a random-weight Llama (no hub), peft LoRA on all
+One thread (``torch.set_num_threads(1)``) on the CPU, fp32 by default (``--device cuda --dtype
+bfloat16`` on a GPU: adapters in the model's dtype), a random-weight Llama (no hub), peft LoRA on all
 7 projections. A step is forward + loss + backward (grads set to None after). Modes are compiled
 and warmed up one after another, then timed round-robin (repeat k of every mode, then k+1), so
 load from other users of a shared machine falls on every mode alike; medians are reported.
@@ -50,28 +51,31 @@ def build(use_dora: bool, args):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
-    model = LlamaForCausalLM(cfg)
+    dtype = getattr(torch, args.dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)
     if args.base == "bnb_nf4":
-        quantize_targets(model)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
-                                             use_dora=use_dora, lora_dropout=args.dropout))
+        quantize_targets(model, dtype, args.device)
+    model = get_peft_model(model.to(args.device), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                             target_modules=TARGETS, use_dora=use_dora,
+                                                             lora_dropout=args.dropout),
+                           autocast_adapter_dtype=False)  # adapters in the model's dtype, as runlora's DoRA needs
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model
 
 
-def quantize_targets(model) -> None:
-    """Swaps every target nn.Linear for a bitsandbytes NF4 Linear4bit (double-quantized, fp32 compute)."""
+def quantize_targets(model, dtype, device) -> None:
+    """Swaps every target nn.Linear for a bitsandbytes NF4 Linear4bit (double-quantized, computing in ``dtype``)."""
     import bitsandbytes as bnb
 
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in TARGETS and isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)._quantize("cpu")
+                                             compress_statistics=True)._quantize(device)
                 setattr(module, child_name, q)
 
 
@@ -81,7 +85,7 @@ def prepare(name: str, args):
     backend = runlora_fx.make_backend(inner=args.inner) if compiler == "runlora" else args.inner
     compiled = model if compiler == "eager" else torch.compile(model, backend=backend)
     torch.manual_seed(1)
-    ids = torch.randint(0, 1024, (args.batch, args.seq))
+    ids = torch.randint(0, 1024, (args.batch, args.seq), device=args.device)
     params = [p for p in model.parameters()]
 
     def step():
@@ -100,6 +104,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--md", default=None, help="also write the table and ratios here")
     parser.add_argument("--base", choices=("dense", "bnb_nf4"), default="dense")
     parser.add_argument("--inner", default="inductor", help="the compiler under every compiled mode (smoke tests: aot_eager)")
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -108,7 +115,8 @@ def main(argv=None):
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     names = [m for m in args.modes.split(",") if m]
     steps, saved, sites = {}, {}, {}
     for name in names:
@@ -118,28 +126,35 @@ def main(argv=None):
         saved[name] = saved_activation_bytes(step, params)
         if not isinstance(backend, str):
             sites[name] = sum(r.rewritten for r in backend.reports)
-    timings = time_interleaved(steps, device="cpu", warmup=args.warmup, repeats=args.repeats)
+    timings = time_interleaved(steps, device=args.device, warmup=args.warmup, repeats=args.repeats)
     rows = []
     for name in names:
         t = timings[name]
         rows.append({"mode": name, "median_ms": round(t.median_ms, 1), "min_ms": round(t.min_ms, 1),
                      "saved_MiB": round(saved[name] / 2**20, 2), "sites": sites.get(name),
                      "times_ms": [round(v, 1) for v in t.times_ms]})
-    print(f"| mode | step ms (median of {args.repeats}) | min ms | saved activations MiB | sites rewritten |")
-    print("|---|---|---|---|---|")
+    lines = [f"DoRA step: {args.device} {args.dtype}, base {args.base}, dropout {args.dropout}, hidden {args.hidden}, "
+             f"{args.layers} layers, B={args.batch}, S={args.seq}, r={args.rank}", "",
+             f"| mode | step ms (median of {args.repeats}) | min ms | saved activations MiB | sites rewritten |",
+             "|---|---|---|---|---|"]
     for row in rows:
-        print(f"| {row['mode']} | {row['median_ms']} | {row['min_ms']} | {row['saved_MiB']} | "
-              f"{row['sites'] if row['sites'] is not None else '-'} |")
+        lines.append(f"| {row['mode']} | {row['median_ms']} | {row['min_ms']} | {row['saved_MiB']} | "
+                     f"{row['sites'] if row['sites'] is not None else '-'} |")
     by = {row["mode"]: row["median_ms"] for row in rows}
+    lines.append("")
     if "peft DoRA + inductor" in by and "runlora DoRA" in by:
-        print(f"runlora DoRA speed-up vs peft DoRA + inductor: {by['peft DoRA + inductor'] / by['runlora DoRA']:.3f}x")
+        lines.append(f"runlora DoRA speed-up vs peft DoRA + inductor: {by['peft DoRA + inductor'] / by['runlora DoRA']:.3f}x")
     if "peft DoRA eager" in by and "runlora DoRA" in by:
-        print(f"runlora DoRA speed-up vs peft DoRA eager: {by['peft DoRA eager'] / by['runlora DoRA']:.3f}x")
+        lines.append(f"runlora DoRA speed-up vs peft DoRA eager: {by['peft DoRA eager'] / by['runlora DoRA']:.3f}x")
     if "runlora LoRA" in by and "runlora DoRA" in by:
-        print(f"runlora DoRA / runlora LoRA time: {by['runlora DoRA'] / by['runlora LoRA']:.3f}x")
+        lines.append(f"runlora DoRA / runlora LoRA time: {by['runlora DoRA'] / by['runlora LoRA']:.3f}x")
+    print("\n".join(lines))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment("cpu"), "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"environment": environment(args.device), "args": vars(args), "rows": rows}, f, indent=2)
     return rows
 
 

@@ -22,6 +22,8 @@
 #      then torch.profiler's per-op tables of peft + inductor and runlora (profile_step.py)
 #   5. criteria step: tinyllama11 with merged plans allowed, runlora by flops / roofline /
 #      time, and peft + inductor
+#   5b. DoRA step (bench_dora.py): hidden 2048, 2 layers, B=4, S=1024, r=16, peft DoRA eager and
+#      + inductor, runlora DoRA and LoRA (table in summary.md)
 #   6. if time is left: pytest tests/test_qlora.py (export matching on this torch)
 #   7. with EXTRA=1, if time is left: bench_layer and the five-mode tinyllama11 step
 # A step that fails or times out is recorded and the next one runs. Every result file is
@@ -201,6 +203,16 @@ run_step bench_model_criteria 200 "$PYTHON" benchmarks/bench_model.py --device "
   --inner "$INNER" "${MODEL_ARGS[@]}" --allow-merged --warmup 3 --repeats 5 \
   --modes peft_inductor,runlora,runlora_roofline,runlora_time \
   --json "$OUT/criteria_model.json" --md "$MD_DIR/3_criteria_model.md"
+
+# --- 5b. DoRA step: peft DoRA eager / + inductor vs runlora DoRA and LoRA ------------------
+if [ "$QUICK" = 1 ]; then
+  DORA_ARGS=(--hidden 64 --layers 1 --seq 16 --rank 4 --warmup 0 --repeats 1)
+else
+  DORA_ARGS=(--hidden 2048 --layers 2 --batch 4 --seq 1024 --rank 16 --warmup 3 --repeats 5
+             --modes "peft DoRA eager,peft DoRA + inductor,runlora DoRA,runlora LoRA")
+fi
+run_step bench_dora 150 "$PYTHON" benchmarks/bench_dora.py --device "$DEVICE" --dtype "$DTYPE" --inner "$INNER" \
+  "${DORA_ARGS[@]}" --md "$MD_DIR/3b_dora.md"
 
 # --- 6. the QLoRA tests (CPU tensors, this machine's torch), if time is left ---------------
 if [ "$HAVE_BNB" = 1 ] && "$PYTHON" -c 'import pytest, hypothesis' 2>/dev/null; then

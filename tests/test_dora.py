@@ -24,10 +24,12 @@ from test_pass import LMLogits, TARGETS, assert_same_lora_grads, assert_same_tra
 DORA_OP = torch.ops.runlora.dora_linear.default
 
 
-def peft_dora_llama(layers=2, dtype=torch.float32, **lora):
+def peft_dora_llama(layers=2, dtype=torch.float32, base=None, **lora):
+    """peft DoRA on all 7 projections of ``base`` (default: a tiny Llama), B and m perturbed."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(layers, dtype), LoraConfig(r=8, target_modules=TARGETS, use_dora=True, **lora),
+    base = tiny_llama(layers, dtype) if base is None else base
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=TARGETS, use_dora=True, **lora),
                            autocast_adapter_dtype=False)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -330,6 +332,51 @@ def test_mixed_dtypes_left_alone_with_reason():
     report = backend.reports[0]
     assert report.rewritten == 0
     assert any("mixed" in r.reason for r in report.rejected), report.rejected
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+def test_peft_dora_on_gpt2_conv1d(dropout):
+    """GPT-2's Conv1D holds W as in×out (peft's fan_in_fan_out): the norm reads Wᵀ, which peft
+    wraps in a new nn.Parameter (a graph break, polyfilled); every site is rewritten."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=101, n_positions=32)
+    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                            fan_in_fan_out=True, use_dora=True, lora_dropout=dropout))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    backend = assert_same_training(model, lm_inputs, lm_loss, expect_sites=4, steps=2)
+    assert all(s.kind == "dora" for s in backend.reports[0].sites) and not backend.reports[0].rejected
+
+
+def test_dora_under_autocast_left_alone_with_reason():
+    """Under autocast peft's BA, base and LoRA linears compute in bf16 while the norm and the
+    scale stay fp32: not rewritten, the output is eager's, and each layer says why."""
+    model = peft_dora_llama(layers=1)
+    backend = runlora_fx.make_backend(inner="aot_eager")
+    ids = lm_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = lm_loss(torch.compile(model, backend=backend), ids), lm_loss(model, ids)
+    torch.testing.assert_close(got, want)
+    report = backend.reports[0]
+    assert report.rewritten == 0
+    dora_reasons = [r.reason for r in report.rejected if "lora_magnitude_vector" in r.path]
+    assert len(dora_reasons) == 7 and all("mixed-dtype DoRA" in r for r in dora_reasons), report.rejected
+
+
+def test_peft_dora_under_gradient_checkpointing():
+    """peft's DoRA layer clears its cache on every forward, which Dynamo refuses inside a
+    checkpointed region; with runlora_fx's replacement (it clears only a non-empty cache) the
+    checkpointed bodies trace whole and every site is rewritten."""
+    model = peft_dora_llama(layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    backend = assert_same_training(model, lm_inputs, lambda m, ids: m(input_ids=ids, labels=ids, use_cache=False).loss,
+                                   expect_sites=14, steps=1)
+    assert all(s.kind == "dora" for r in backend.reports for s in r.sites)
 
 
 # --- the cost model ----------------------------------------------------------------------

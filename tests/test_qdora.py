@@ -17,30 +17,19 @@ from runlora_fx.ops import dora as dora_ops
 
 bnb = pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes (in the test extra)")
 
-from test_dora import mlp_loss  # noqa: E402
-from test_pass import TARGETS, assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
+from test_dora import mlp_loss, peft_dora_llama  # noqa: E402
+from test_pass import assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
 from test_qlora import LMLoss, _assert_trains_like_eager, _saved_bytes, quantize_linears  # noqa: E402
 
 OP = torch.ops.runlora.dora_linear_4bit.default
 
 
 def qdora_llama(quant_type="nf4", double_quant=True, layers=1, dtype=torch.float32, **lora):
-    from peft import LoraConfig, get_peft_model
-
-    model = quantize_linears(tiny_llama(layers, dtype), quant_type, double_quant)
-    for m in model.modules():
+    base = quantize_linears(tiny_llama(layers, dtype), quant_type, double_quant)
+    for m in base.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.compute_dtype = dtype
-    model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS, use_dora=True, **lora),
-                           autocast_adapter_dtype=False)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # peft initialises B to zero: make the LoRA branch (and the norm) matter
-            nn.init.normal_(p, std=0.05)
-        if "lora_magnitude_vector" in name:
-            with torch.no_grad():
-                p.mul_(1 + 0.1 * torch.randn_like(p))
-    return model
+    return peft_dora_llama(base=base, **lora)
 
 
 def bnb_dora_mlp(bias=True, double_quant=True, dropout=0.0):

@@ -45,7 +45,12 @@ peft's ``dequantize_module_weight`` (on every DoRA forward) graph-breaks Dynamo 
 ``make_peft_dora_traceable`` registers a Dynamo polyfill for it that returns a plain dense
 weight as peft does, spells a bitsandbytes ``Params4bit`` as the ``runlora.dequantize_4bit`` call
 above (bitsandbytes' own ops, bit for bit), and defers every other weight to peft's own function
-(run eagerly). It is installed once peft is imported: at import here, by ``make_backend`` and
+(run eagerly). Two more peft spots break a DoRA layer: ``transpose(W, fan_in_fan_out=True)``
+(GPT-2's Conv1D) builds an ``nn.Parameter`` (polyfilled to ``W.T``), and the layer clears its
+empty cache on every forward, a mutation Dynamo refuses inside checkpointed regions (peft's
+method is replaced by one that clears only a non-empty cache). Under autocast peft's DoRA mixes
+bf16 linears with an fp32 norm and scale: such a layer is reported, not rewritten. All of this is
+installed once peft is imported: at import here, by ``make_backend`` and
 ``explain``, and when Dynamo starts compiling a frame (``backend="runlora"``;
 ``torch._dynamo.reset()`` drops that hook, the first two remain). A strict ``torch.export`` of
 such a model needs it in place before exporting: import runlora_fx after peft, or call
@@ -75,7 +80,7 @@ from .build import new_call
 from .lower import dora_linear_nf4
 from .dialects import as_add, as_linear, as_scale, strip_casts, strip_noop, strip_transposes
 from .match import Rejection, module_path, to_sympy
-from .nodes import LinearView, aten, is_call, is_identity_matrix, is_metadata_assert, meta_value
+from .nodes import LinearView, WeightRef, aten, is_call, is_identity_matrix, is_metadata_assert, meta_value
 from .quantized import base_format, left_to_library, read_dequantized_weight, same_packed_weight
 
 __all__ = ["DoraSite", "can_rewrite_dora", "find_dora_sites", "make_peft_dora_traceable", "match_dora",
@@ -187,6 +192,13 @@ def _same_source(p: Any, q: Any) -> bool:
     return isinstance(p, fx.Node) and strip_noop(p)[0] is strip_noop(q)[0]
 
 
+def _is_weight(ref: WeightRef, node: Any) -> bool:
+    """True when ``node`` is the W (nn.Linear layout, o×i) of the linear whose weight ``ref``
+    names: the same source, transposed when the graph holds it transposed (GPT-2's Conv1D)."""
+    src, parity = strip_transposes(strip_noop(node)[0])
+    return parity == (1 if ref.transposed else 0) and _same_source(src, ref.node)
+
+
 @dataclasses.dataclass
 class _Norm:
     weight: fx.Node
@@ -212,6 +224,11 @@ def _read_norm(norm: fx.Node):
         delta, s = scaled
         product = _eye_product(delta)
         if product is None:
+            cast = strip_casts(_strip(delta)[0])
+            if cast is not _strip(delta)[0] and _eye_product(cast) is not None:
+                return (f"DoRA's BA is computed in {getattr(meta_value(cast), 'dtype', None)} and cast to "
+                        f"{getattr(meta_value(delta), 'dtype', None)} for the norm (autocast, or adapters in "
+                        "another dtype than x): mixed-dtype DoRA is not rewritten")
             continue
         if not isinstance(s, float):
             return "DoRA norm: the scaling is known only at run time"
@@ -327,7 +344,7 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
             to_dtype = getattr(meta_value(nrm.weight), "dtype", None)
             return (f"DoRA dtypes are mixed: the norm casts W ({w_dtype}) to {to_dtype} (adapters in another dtype "
                     "than the base, e.g. peft's fp32 adapters on a bf16 base): not rewritten")
-        if not _same_source(base.weight.node, nrm.weight) or base.weight.transposed:
+        if not _is_weight(base.weight, nrm.weight):
             return "the DoRA norm's weight is not the base layer's weight (dequantized or computed in the graph?)"
     x = strip_noop(base.x)[0]
     x_l = strip_noop(a.x)[0]
@@ -347,7 +364,8 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
             return "peft-form DoRA (base − bias) whose LoRA input is separate"
     else:
         second = as_linear(bt)
-        if second is None or second.bias is not None or not _same_source(second.weight.node, nrm.weight):
+        if second is None or second.bias is not None or not (
+                _is_weight(second.weight, nrm.weight) if base.quant is None else _same_source(second.weight.node, nrm.weight)):
             return "the DoRA base term is not the base output, base − bias, or linear(x_lora, W)"
         if strip_noop(second.x)[0] is not x_l:
             return "peft's second base GEMM reads another input than the LoRA branch"
@@ -590,8 +608,9 @@ _POLYFILLED = []
 
 
 def make_peft_dora_traceable() -> bool:
-    """Registers a Dynamo polyfill for peft's ``dequantize_module_weight`` (see the module
-    docstring) once peft is imported; True when it is in place."""
+    """Makes peft's DoRA layers traceable by Dynamo in one graph (the module docstring: the
+    ``dequantize_module_weight`` and ``transpose`` polyfills, the cache-clear replacement) once
+    peft is imported; True when in place."""
     if _POLYFILLED:
         return True
     integrations = sys.modules.get("peft.utils.integrations")
@@ -599,6 +618,9 @@ def make_peft_dora_traceable() -> bool:
         return False
     original = integrations.dequantize_module_weight
     _POLYFILLED.append(original)
+
+    _polyfill_dora_cache_clear()
+    _polyfill_transpose()
 
     @torch.compiler.substitute_in_graph(original)
     def dequantize_module_weight(module):
@@ -613,6 +635,41 @@ def make_peft_dora_traceable() -> bool:
         return _peft_dequantize(module)
 
     return True
+
+
+def _polyfill_dora_cache_clear() -> None:
+    """peft's DoRA layer clears its ad hoc cache (empty in training) on every forward; inside a
+    checkpointed region Dynamo refuses that mutation ("HOP: Unsafe side effect") and runs the
+    whole model eagerly. Clearing an empty dict changes nothing, so peft's method is replaced by
+    one that clears only a non-empty dict: the same in eager, and nothing for Dynamo to refuse.
+    (A Dynamo polyfill would not reach it: Dynamo inlines methods without consulting them.)"""
+    dora = sys.modules.get("peft.tuners.lora.dora")
+    layer = getattr(dora, "DoraLinearLayer", None)
+    original = getattr(layer, "_cache_clear", None)
+    if original is None or getattr(original, "__qualname__", "") != "DoraLinearLayer._cache_clear":
+        return
+
+    def _cache_clear(self):
+        if self._dora_cache:
+            original(self)
+
+    _cache_clear.__qualname__ = "DoraLinearLayer._cache_clear (runlora_fx: clears only a non-empty cache)"
+    layer._cache_clear = _cache_clear
+
+
+def _polyfill_transpose() -> None:
+    """peft's ``transpose(weight, fan_in_fan_out=True)`` (GPT-2's Conv1D layout) wraps ``W.T`` in a
+    new ``nn.Parameter``, which Dynamo cannot build in a graph: it breaks every such DoRA layer.
+    Under Dynamo the polyfill returns ``W.T`` itself: the same values, and the same gradients for
+    every parameter (the new Parameter is a throwaway leaf; nothing reads its grad)."""
+    other = sys.modules.get("peft.utils.other")
+    original = getattr(other, "transpose", None)
+    if original is None:
+        return
+
+    @torch.compiler.substitute_in_graph(original)
+    def transpose(weight, fan_in_fan_out):
+        return weight.T if fan_in_fan_out else weight
 
 
 def _bnb_dequantized(weight):
