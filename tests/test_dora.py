@@ -319,19 +319,60 @@ def test_trainable_base_weight_is_left_alone_with_reason():
     assert any("requires grad" in r.reason and r.path.startswith("up") for r in report.rejected), report.rejected
 
 
-def test_mixed_dtypes_left_alone_with_reason():
-    """peft's default fp32 adapters on a bf16 base: not rewritten, and the report says why."""
+def _fp32_adapters_on_bf16_llama(**lora):
+    """peft's default on a bf16 model: adapters and magnitudes in fp32 (autocast_adapter_dtype)."""
     from peft import LoraConfig, get_peft_model
 
+    model = get_peft_model(tiny_llama(1, torch.bfloat16), LoraConfig(r=8, target_modules=TARGETS, use_dora=True,
+                                                                      **lora))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_peft_fp32_adapters_on_bf16_base():
+    """The base GEMM and dY·W in bf16, the LoRA chain, norms, g and the output in fp32 (then cast
+    back by the graph), as eager peft promotes: every site rewritten, grads (fp32) within bf16's
+    tolerance of eager's."""
+    model = _fp32_adapters_on_bf16_llama()
+    assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+    backend = assert_same_training(model, lm_inputs, lm_loss, expect_sites=7, steps=2, dtype_tol=2e-2)
+    sites = backend.reports[0].sites
+    assert [(s.dtype, s.adapter_dtype, s.forward_plan) for s in sites] == [("bfloat16", "float32", "forward1")] * 7
+
+
+def test_opcheck_fp32_adapters_on_bf16_base_and_the_op_refuses_other_mixes():
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16),
-                           LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    W, b = torch.randn(48, 32, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    A, B = torch.randn(4, 32, requires_grad=True), torch.randn(48, 4, requires_grad=True)
+    m = (torch.rand(48) + 0.5).requires_grad_()
+    for norm in NORM_PLANS:
+        args = (x, W, b, A, B, m, 2.0, None, "peft", norm, "forward1", "backward1", torch.float32)
+        torch.library.opcheck(DORA_OP, args)
+        assert [t.dtype for t in DORA_OP(*args)] == [torch.float32] * 3
+    with pytest.raises(ValueError, match="merges W"):
+        DORA_OP(x, W, b, A, B, m, 2.0, None, "peft", "norm_lowrank", "forward2", "backward1", torch.float32)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        DORA_OP(x, W, b, A, B, m, 2.0, None, "peft", "norm_lowrank", "forward1", "backward1")
+
+
+def test_mixed_dtypes_with_dropout_left_alone_with_reason():
+    """fp32 adapters on a bf16 base with dropout (peft's second base GEMM then runs in fp32 on a
+    cast W): not rewritten, and the report says why."""
+    model = _fp32_adapters_on_bf16_llama(lora_dropout=0.1)
     backend = runlora_fx.make_backend(inner="aot_eager")
-    x = torch.randn(2, 10, 32, dtype=torch.bfloat16)
-    torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
+    ids = lm_inputs()
+    torch.manual_seed(0)
+    got = lm_loss(torch.compile(model, backend=backend), ids)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, lm_loss(model, ids))
     report = backend.reports[0]
     assert report.rewritten == 0
-    assert any("mixed" in r.reason for r in report.rejected), report.rejected
+    reasons = [r.reason for r in report.rejected if "lora_magnitude_vector" in r.path]
+    assert len(reasons) == 7 and all("mixed" in r for r in reasons), report.rejected
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "drop0.1"])

@@ -6,7 +6,9 @@ The op computes, with the norm detached (``plans/dora.py`` has the formulas and 
     peft:       Y = X Wᵀ + b + (g − 1) ⊙ (X_l Wᵀ) + g ⊙ s (X_l Aᵀ) Bᵀ       X_l = x_lora or X
     torchtune:  Y = g ⊙ (X Wᵀ + b + s (X_l Aᵀ) Bᵀ)
 
-and returns ``(Y, v, c)``: v = the unscaled LoRA-layer output the magnitude gradient needs
+With ``adapter_dtype`` (peft's default fp32 adapters on a bf16 base: A, B and m in fp32, x and
+W in bf16) the base GEMM runs in W's dtype and the rest in the adapters' (``plans/dora.py``).
+The op returns ``(Y, v, c)``: v = the unscaled LoRA-layer output the magnitude gradient needs
 (dm = Σ dY ⊙ v / c, one reduction), c the row norms. Only Y is differentiable; a rewritten
 graph reads ``getitem(op, 0)``. The plans (``norm_plan``, ``forward_plan``, ``backward_plan``)
 are string arguments, kept by torch.compile, torch.export and save/load.
@@ -119,7 +121,7 @@ def _row_sq_norms_4bit_fake(qtensors, quant_type, quant_args, shape, dtype):
 
 
 def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm, forward_plan,
-                    backward_plan) -> None:
+                    backward_plan, adapter_dtype=None) -> None:
     """Raises ValueError naming the argument, what was expected and what was got."""
     if weight.dim() != 2:
         raise ValueError(f"{_WHERE}: weight must be 2-D (out, in); got shape {tuple(weight.shape)}")
@@ -136,10 +138,16 @@ def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, no
         raise ValueError(f"{_WHERE}: bias has shape {tuple(bias.shape)}, expected ({o},)")
     if x_lora is not None and tuple(x_lora.shape) != tuple(x.shape):
         raise ValueError(f"{_WHERE}: x_lora has shape {tuple(x_lora.shape)}, expected {tuple(x.shape)}")
-    dtypes = {"x": x.dtype, "weight": weight.dtype, "lora_A": lora_A.dtype, "lora_B": lora_B.dtype,
-              "magnitude": magnitude.dtype}
-    if len(set(dtypes.values())) > 1:
-        raise ValueError(f"{_WHERE}: x, weight, lora_A, lora_B and magnitude must share a dtype; got {dtypes}")
+    base = {"x": x.dtype, "weight": weight.dtype}
+    adapters = {"lora_A": lora_A.dtype, "lora_B": lora_B.dtype, "magnitude": magnitude.dtype}
+    if adapter_dtype is None and len({*base.values(), *adapters.values()}) > 1:
+        raise ValueError(f"{_WHERE}: x, weight, lora_A, lora_B and magnitude must share a dtype; got "
+                         f"{dict(base, **adapters)}")
+    if adapter_dtype is not None and (len(set(base.values())) > 1 or set(adapters.values()) != {adapter_dtype}):
+        raise ValueError(f"{_WHERE}: with adapter_dtype={adapter_dtype}, x and weight must share a dtype and "
+                         f"lora_A, lora_B and magnitude be {adapter_dtype}; got {dict(base, **adapters)}")
+    if adapter_dtype is not None and x_lora is not None:
+        raise ValueError(f"{_WHERE}: adapter_dtype={adapter_dtype} with a separate x_lora (dropout) is not supported")
     if form not in DORA_FORMS:
         raise ValueError(f"{_WHERE}: form={form!r}, expected one of {DORA_FORMS}")
     norm_plan(norm)
@@ -152,6 +160,9 @@ def check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, no
         if form == "torchtune" and x_lora is not None and any(p.merged for p in plans):
             raise ValueError(f"{_WHERE}: {kind} plan {spec!r} merges W + sBA, illegal with torchtune's "
                              "separate LoRA input (dropout)")
+        if adapter_dtype is not None and any(p.merged for p in plans):
+            raise ValueError(f"{_WHERE}: {kind} plan {spec!r} merges W + sBA, not used with adapter_dtype "
+                             f"{adapter_dtype} (adapters in another dtype than W)")
 
 
 @torch.library.custom_op("runlora::dora_linear", mutates_args=())
@@ -168,26 +179,35 @@ def dora_linear(
     norm_plan: str = "norm_lowrank",
     forward_plan: str = "forward1",
     backward_plan: str = "backward1",
+    adapter_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y, v, c) of a DoRA layer (module docstring) by the named plans."""
-    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm_plan, forward_plan, backward_plan)
+    """(Y, v, c) of a DoRA layer (module docstring) by the named plans; ``adapter_dtype``: A, B
+    and m in another dtype than x and W (``plans/dora.py``), Y and v then in that dtype."""
+    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm_plan, forward_plan, backward_plan,
+                    adapter_dtype)
     o, i = weight.shape
     y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling,
                            None if x_lora is None else x_lora.reshape(-1, i), form, norm_plan, forward_plan,
-                           _cached_sq_norms)
+                           _cached_sq_norms, adapter_dtype)
     return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
+
+
+def _out_dtype(x, adapter_dtype):
+    return x.dtype if adapter_dtype is None else torch.promote_types(x.dtype, adapter_dtype)
 
 
 @dora_linear.register_fake
 def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
-                      norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
-    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm_plan, forward_plan, backward_plan)
+                      norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1", adapter_dtype=None):
+    check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm_plan, forward_plan, backward_plan,
+                    adapter_dtype)
     shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape), weight.new_empty((weight.shape[0],))
+    out = _out_dtype(x, adapter_dtype)
+    return x.new_empty(shape, dtype=out), x.new_empty(shape, dtype=out), magnitude.new_empty((weight.shape[0],))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, _, _, backward_plan = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, _, _, backward_plan, *rest = inputs
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.requires_grad:
             raise RuntimeError(f"{_WHERE}: {name} of shape {tuple(t.shape)} requires grad, expected a frozen base "
@@ -195,23 +215,26 @@ def _setup_context(ctx, inputs, output):
     _, v, c = output
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, x_lora, v, c)
     ctx.scaling, ctx.form, ctx.backward_plan = scaling, form, backward_plan
+    ctx.adapter_dtype = rest[0] if rest else None
     ctx.mark_non_differentiable(v, c)
 
 
 def _backward(ctx, grad_y, _grad_v, _grad_c):
     x, weight, lora_A, lora_B, magnitude, x_lora, v, c = ctx.saved_tensors
-    need = tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+    passed = len(ctx.needs_input_grad)
+    need = tuple(ctx.needs_input_grad) + (False,) * (13 - passed)
     o, i = weight.shape
     needs = Needs(x=bool(need[0] or need[7]), lora_A=bool(need[3]), lora_B=bool(need[4]))
     gx, gxl, ga, gb, gm = dora_backward(
         grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
         None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, ctx.backward_plan,
-        needs, bool(need[5]))
-    return (
+        needs, bool(need[5]), ctx.adapter_dtype)
+    grads = (
         gx.reshape(x.shape) if need[0] and gx is not None else None, None, None,
         ga if need[3] else None, gb if need[4] else None, gm if need[5] else None, None,
-        gxl.reshape(x.shape) if need[7] and gxl is not None else None, None, None, None, None,
+        gxl.reshape(x.shape) if need[7] and gxl is not None else None, None, None, None, None, None,
     )
+    return grads[:passed]
 
 
 dora_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -49,7 +49,9 @@ above (bitsandbytes' own ops, bit for bit), and defers every other weight to pef
 (GPT-2's Conv1D) builds an ``nn.Parameter`` (polyfilled to ``W.T``), and the layer clears its
 empty cache on every forward, a mutation Dynamo refuses inside checkpointed regions (peft's
 method is replaced by one that clears only a non-empty cache). Under autocast peft's DoRA mixes
-bf16 linears with an fp32 norm and scale: such a layer is reported, not rewritten. All of this is
+bf16 linears with an fp32 norm and scale: such a layer is reported, not rewritten. peft's fp32
+adapters on a bf16 base (its LoRA branch reads ``x.to(float32)``, its norm ``W.to(float32)``) are
+rewritten with the op's ``adapter_dtype``. All of this is
 installed once peft is imported: at import here, by ``make_backend`` and
 ``explain``, and when Dynamo starts compiling a frame (``backend="runlora"``;
 ``torch._dynamo.reset()`` drops that hook, the first two remain). A strict ``torch.export`` of
@@ -80,7 +82,7 @@ from .build import new_call
 from .lower import dora_linear_nf4
 from .dialects import as_add, as_linear, as_scale, strip_casts, strip_noop, strip_transposes
 from .match import Rejection, module_path, to_sympy
-from .nodes import LinearView, WeightRef, aten, is_call, is_identity_matrix, is_metadata_assert, meta_value
+from .nodes import LinearView, WeightRef, aten, cast_dtype, is_call, is_identity_matrix, is_metadata_assert, meta_value
 from .quantized import base_format, left_to_library, read_dequantized_weight, same_packed_weight
 
 __all__ = ["DoraSite", "can_rewrite_dora", "find_dora_sites", "make_peft_dora_traceable", "match_dora",
@@ -119,6 +121,7 @@ class DoraSite:
     needs: Needs
     need_magnitude: bool
     nodes: tuple  # every node the op replaces
+    adapter_dtype: Optional[torch.dtype] = None  # A, B, m in another dtype than x and W (peft's fp32 adapters)
 
     @property
     def separate_lora_input(self) -> bool:
@@ -333,21 +336,27 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
     base = as_linear(base_core)
     if base is None:
         return "the DoRA term is not added to a linear base output"
+    x = strip_noop(base.x)[0]
+    x_l = strip_noop(a.x)[0]
+    adapter_dtype = _adapter_dtype(x, x_l) if base.quant is None else None
+    if adapter_dtype is not None:
+        x_l = x  # peft casts x to the adapters' dtype for the LoRA branch: the op's adapter_dtype
     dequantizing = ()
     if base.quant is not None:
         dequantizing = _dequantized_base_weight(base, nrm)
         if isinstance(dequantizing, str):
             return dequantizing
     else:
-        if strip_casts(nrm.weight) is strip_casts(base.weight.node) and not _same_source(base.weight.node, nrm.weight):
+        w_node = nrm.weight
+        if adapter_dtype is not None and cast_dtype(w_node) == adapter_dtype:
+            w_node = w_node.args[0]  # peft's W.to(x.dtype), x in the adapters' dtype
+        if strip_casts(w_node) is strip_casts(base.weight.node) and not _same_source(base.weight.node, w_node):
             w_dtype = getattr(meta_value(base.weight.node), "dtype", None)
             to_dtype = getattr(meta_value(nrm.weight), "dtype", None)
-            return (f"DoRA dtypes are mixed: the norm casts W ({w_dtype}) to {to_dtype} (adapters in another dtype "
-                    "than the base, e.g. peft's fp32 adapters on a bf16 base): not rewritten")
-        if not _is_weight(base.weight, nrm.weight):
+            return (f"DoRA dtypes are mixed: the norm casts W ({w_dtype}) to {to_dtype}, but the LoRA branch "
+                    "reads x in another dtype: not rewritten")
+        if not _is_weight(base.weight, w_node):
             return "the DoRA norm's weight is not the base layer's weight (dequantized or computed in the graph?)"
-    x = strip_noop(base.x)[0]
-    x_l = strip_noop(a.x)[0]
     x_lora = None if x_l is x else a.x
     # The base term says the form.
     term_nodes = []
@@ -373,8 +382,19 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
         term_nodes += list(second.nodes)
     nodes = (list(nrm.nodes) + chain + lora_nodes + [sub, mul_base, dora, *term_nodes, *base_chain, *base.nodes,
                                                       *dequantizing])
-    site_or_reason = can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes)
-    return site_or_reason
+    site = can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype)
+    if isinstance(site, DoraSite) and base.quant is None:
+        site.weight = w_node  # W in its own dtype, before peft's cast to the adapters' dtype
+    return site
+
+
+def _adapter_dtype(x: Any, x_l: Any) -> Optional[torch.dtype]:
+    """The dtype the LoRA branch casts x to (peft's ``_cast_input_dtype``: fp32 adapters on a
+    bf16 base), or None when it reads x as it is (or another tensor)."""
+    dtype = cast_dtype(x_l)
+    if dtype is None or strip_noop(x_l.args[0])[0] is not x or dtype == getattr(meta_value(x), "dtype", None):
+        return None
+    return dtype
 
 
 def _dequantized_base_weight(base: LinearView, nrm: _Norm):
@@ -394,7 +414,7 @@ def _dequantized_base_weight(base: LinearView, nrm: _Norm):
     return nodes
 
 
-def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
+def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype=None):
     """Legality: a DoraSite when the rewrite is exact, else the reason it is not.
 
     Args:
@@ -405,9 +425,11 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
         form: "peft" or "torchtune" (``plans/dora.py``).
         x, x_lora: the layer input and the LoRA branch's own input (None: x).
         nodes: every matched node; none may have a user outside them.
+        adapter_dtype: the dtype the LoRA branch casts x to (A, B and m are in it), or None.
 
-    Exact only with a frozen W and bias, agreeing shapes, one dtype for x, W, A, B and m, and
-    no other user of an intermediate.
+    Exact only with a frozen W and bias, agreeing shapes, one dtype for x, W, A, B and m (or x
+    and W in one, A, B and m in ``adapter_dtype`` and the output in their promotion), and no
+    other user of an intermediate.
     """
     path = module_path(final)
     x_val, out_val = meta_value(x), meta_value(final)
@@ -432,7 +454,14 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
               "magnitude": m_val.dtype, "output": out_val.dtype}
     if x_lora is not None:
         dtypes["x_lora"] = meta_value(x_lora).dtype
-    if len(set(dtypes.values())) > 1:
+    if adapter_dtype is not None:
+        base_dtype = getattr(meta_value(base.weight.node), "dtype", None)
+        expected = {"x": x_val.dtype, "weight": adapter_dtype, "lora_A": adapter_dtype, "lora_B": adapter_dtype,
+                    "magnitude": adapter_dtype, "output": torch.promote_types(x_val.dtype, adapter_dtype)}
+        if dtypes != expected or base_dtype != x_val.dtype or x_lora is not None or form != "peft":
+            return (f"DoRA dtypes are mixed ({', '.join(f'{k} {v}' for k, v in dtypes.items())}; base W {base_dtype}) "
+                    f"other than as peft's {adapter_dtype} adapters without dropout: not rewritten")
+    elif len(set(dtypes.values())) > 1:
         return f"DoRA dtypes are mixed ({', '.join(f'{k} {v}' for k, v in dtypes.items())}): not rewritten"
     matched = set(nodes)
     for node in matched:
@@ -448,7 +477,7 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes):
     return DoraSite(add=final, base=base, a=a, b=b, weight=nrm.weight, magnitude=magnitude, scaling=nrm.scaling,
                     form=form, path=path, x=x, x_lora=x_lora, n=n, i=int(i), o=int(o), r=int(r),
                     dtype=x_val.dtype, needs=needs, need_magnitude=_requires_grad(magnitude),
-                    nodes=tuple(dict.fromkeys(nodes)))
+                    nodes=tuple(dict.fromkeys(nodes)), adapter_dtype=adapter_dtype)
 
 
 def find_dora_sites(graph: fx.Graph) -> tuple[list, list]:
@@ -476,11 +505,13 @@ def plan_dora_site(site: DoraSite, options: RewriteOptions) -> DoraChoice:
     plan falls back to the chosen one: v's own legality decides)."""
     val = meta_value(site.x)
     separate = site.form == "torchtune" and site.x_lora is not None
+    mixed = site.adapter_dtype is not None
     facts = SiteFacts(site.n, site.i, site.o, site.r, needs=site.needs, separate_lora_input=separate,
-                      allow_merged=options.merged_allowed(site.dtype), n_hint=_n_hint(site), dtype=site.dtype,
+                      mixed_dtype=mixed, allow_merged=options.merged_allowed(site.dtype) and not mixed,
+                      n_hint=_n_hint(site), dtype=site.dtype, adapter_dtype=site.adapter_dtype,
                       bias=site.base.bias is not None, device=getattr(val, "device", "cpu"))
     forced = options
-    if separate and options.forced_plans:
+    if (separate or mixed) and options.forced_plans:
         forced = dataclasses.replace(options, forward_plan=None, backward_plan=None)
     if forced.forward_plan is not None or forced.backward_plan is not None:
         forced = dataclasses.replace(forced, criterion="flops")
@@ -514,7 +545,8 @@ def _dora_report(site: DoraSite, choice: DoraChoice) -> SiteReport:
             chosen = pair + b_chosen
     return SiteReport(
         path=site.path, node=site.add.name, n=str(site.n), n_hint=hint, i=site.i, o=site.o, r=site.r,
-        dtype=str(site.dtype).replace("torch.", ""), adapter_dtype=None,
+        dtype=str(site.dtype).replace("torch.", ""),
+        adapter_dtype=None if site.adapter_dtype is None else str(site.adapter_dtype).replace("torch.", ""),
         separate_lora_input=site.separate_lora_input,
         needs={"x": site.needs.x, "lora_A": site.needs.lora_A, "lora_B": site.needs.lora_B,
                "magnitude": site.need_magnitude},
@@ -545,7 +577,8 @@ def _dora_call(site: DoraSite, choice: DoraChoice) -> tuple:
             choice.norm, str(choice.forward), str(choice.backward))
     quant = site.quant
     if quant is None:
-        return torch.ops.runlora.dora_linear.default, (site.x, site.weight, site.base.bias, *lora)
+        mixed = () if site.adapter_dtype is None else (site.adapter_dtype,)
+        return torch.ops.runlora.dora_linear.default, (site.x, site.weight, site.base.bias, *lora, *mixed)
     if quant["quant_type"] == "torchao_nf4_tensor":
         return dora_linear_nf4, (site.x, quant["weight"], site.base.bias, *lora)
     return torch.ops.runlora.dora_linear_4bit.default, (

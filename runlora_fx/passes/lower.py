@@ -291,17 +291,18 @@ class _LoweredDoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm, forward_plan, backward_plan,
-                weight, *parts):
+                adapter_dtype, weight, *parts):
         o, i = weight.shape(*parts)
         x2 = x.reshape(-1, i)
         xl2 = None if x_lora is None else x_lora.reshape(-1, i)
         fplan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward").name
         w = weight.materialize(parts, x.dtype, "forward")
         y, v, c = dora_forward(x2, w, bias, lora_A, lora_B, magnitude, scaling, xl2, form, norm, fplan,
-                               lambda _: weight.sq_norms(parts, x.dtype))
+                               lambda _: weight.sq_norms(parts, x.dtype), adapter_dtype)
         v = v.reshape(*x.shape[:-1], o)
         ctx.save_for_backward(x, lora_A, lora_B, magnitude, x_lora, v, c, *parts)
         ctx.scaling, ctx.form, ctx.backward_plan, ctx.weight = scaling, form, backward_plan, weight
+        ctx.adapter_dtype = adapter_dtype
         ctx.mark_non_differentiable(v, c)
         return y.reshape(*x.shape[:-1], o), v, c
 
@@ -317,7 +318,7 @@ class _LoweredDoRA(torch.autograd.Function):
         gx, gxl, ga, gb, gm = dora_backward(
             g2, x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
             None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, bplan, needs,
-            bool(need_m))
+            bool(need_m), ctx.adapter_dtype)
         grads = (gx.reshape(x.shape) if need_x and gx is not None else None, None,
                  ga if need_a else None, gb if need_b else None, gm if need_m else None,
                  gxl.reshape(x.shape) if need_xl and gxl is not None else None)
@@ -325,10 +326,11 @@ class _LoweredDoRA(torch.autograd.Function):
 
 
 def lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
-                        norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
+                        norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1",
+                        adapter_dtype=None):
     """Same contract as ``torch.ops.runlora.dora_linear`` (returns (Y, v, c)), as traceable ATen calls."""
     return _LoweredDoRA.apply(x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm_plan, forward_plan,
-                              backward_plan, _WeightTensor(), weight)
+                              backward_plan, adapter_dtype, _WeightTensor(), weight)
 
 
 def lowered_dora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling,
@@ -337,7 +339,7 @@ def lowered_dora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, l
     """Same contract as ``torch.ops.runlora.dora_linear_4bit``, as traceable calls."""
     weight = _Packed4bit(quant_type, tuple(int(a) for a in quant_args), tuple(int(d) for d in shape))
     return _LoweredDoRA.apply(x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm_plan, forward_plan,
-                              backward_plan, weight, *qtensors)
+                              backward_plan, None, weight, *qtensors)
 
 
 def dora_linear_nf4(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",

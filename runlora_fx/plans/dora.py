@@ -21,6 +21,11 @@ Backward, with G = g ⊙ dY: the catalogue's backward plan runs on G (dX, dA, dB
 
 peft's dropout form adds dX = dY W and dX_l = dX_l(v) − dY W.
 
+Adapters in another dtype than the base (peft's default fp32 adapters on a bf16 base:
+``adapter_dtype``): the base GEMM and dY·W run in W's dtype, everything else (the LoRA
+chain, the norms, g, v, Y) in the adapter dtype, as eager's promotions do; Y comes out in
+the adapter dtype (the graph casts it back). Merged plans are not used then.
+
 Row norms (``NORM_PLANS``), both exact up to rounding:
 
     norm_merged   c = ‖W + sBA‖_row                 2·o·r·i + 3·o·i (free of the GEMM when the
@@ -68,7 +73,8 @@ class NormPlan:
         flops_expr: FLOPs per call, sympy in i, o, r.
         shared_flops_expr: FLOPs per call when the forward plan forms W + sBA anyway (None:
             nothing to share).
-        run: ``run(W, A, B, s, merged_or_None, w_sq_fn) -> c`` on 2-D tensors.
+        run: ``run(W, A, B, s, merged_or_None, w_sq_fn) -> c`` on 2-D tensors, c in A's dtype
+            (W's too, except for adapters in another dtype than W).
     """
 
     name: str
@@ -84,21 +90,22 @@ class NormPlan:
 
 
 def _norm_merged(weight, lora_A, lora_B, scaling, merged, w_sq_fn):
-    """c = ‖W + sBA‖_row, from the merged weight when the forward formed it."""
+    """c = ‖W + sBA‖_row, from the merged weight when the forward formed it (W in the adapters'
+    dtype first when they differ, as peft's ``W.to(x.dtype)``)."""
     if merged is None:
-        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        merged = torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling)
     return torch.linalg.vector_norm(merged, dim=1)
 
 
 def _norm_lowrank(weight, lora_A, lora_B, scaling, merged, w_sq_fn):
-    """c² = ‖W‖²_row + Σ_k B ∘ (2s·W Aᵀ + s²·B (A Aᵀ)), accumulated in fp32."""
-    acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    wa = torch.mm(weight, lora_A.t()).to(acc)  # o×r
+    """c² = ‖W‖²_row + Σ_k B ∘ (2s·W Aᵀ + s²·B (A Aᵀ)), accumulated in fp32; W Aᵀ in W's dtype."""
+    acc = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
+    wa = torch.mm(weight, lora_A.t().to(weight.dtype)).to(acc)  # o×r
     a32, b32 = lora_A.to(acc), lora_B.to(acc)
     gram = torch.mm(a32, a32.t())  # r×r
     cross = torch.addmm(wa, b32, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # 2s·WAᵀ + s²·B·AAᵀ
     c2 = w_sq_fn(weight).to(acc) + (b32 * cross).sum(dim=1)
-    return c2.clamp_min(0).sqrt().to(weight.dtype)
+    return c2.clamp_min(0).sqrt().to(lora_A.dtype)
 
 
 NORM_PLANS: dict[str, NormPlan] = {
@@ -149,7 +156,7 @@ def _v_inputs(x, x_lora, form):
 
 
 def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm, forward,
-                 w_sq_fn=_plain_sq_norms):
+                 w_sq_fn=_plain_sq_norms, adapter_dtype=None):
     """(Y, v, c) on 2-D tensors by the named plans (see the module docstring).
 
     Forms W + sBA once when either the forward plan or the norm plan needs it.
@@ -158,26 +165,26 @@ def dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, fo
     fplan = resolve_plan(forward, x.shape[0], "forward")
     merged = None
     if fplan.merged or norm == "norm_merged":
-        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        merged = torch.addmm(weight.to(lora_A.dtype), lora_B, lora_A, alpha=scaling)
     c = dora_row_norms(weight, lora_A, lora_B, scaling, norm, merged, w_sq_fn)
     b_v = bias if v_bias else None
     if fplan.merged:
         v = F.linear(x_v, merged, b_v)
     else:
-        v = fplan.run(x_v, weight, b_v, lora_A, lora_B, scaling, xl_v, None)
+        v = fplan.run(x_v, weight, b_v, lora_A, lora_B, scaling, xl_v, adapter_dtype)
     g = magnitude / c
     if form == "peft" and x_lora is not None:
         rest = F.linear(x - x_lora, weight, bias)
         y = torch.addcmul(rest, v, g)
     elif form == "peft" and bias is not None:
-        y = torch.addcmul(bias, v, g)
+        y = torch.addcmul(bias.to(v.dtype), v, g)
     else:
         y = v * g
     return y, v, c
 
 
 def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora, v, c, form, backward,
-                  needs: Needs, need_magnitude: bool):
+                  needs: Needs, need_magnitude: bool, adapter_dtype=None):
     """(dX, dX_l, dA, dB, dm) on 2-D tensors; None where not needed.
 
     G = g ⊙ dY runs through the catalogue's backward plan; dm = Σ_tokens (dY ⊙ v) / c.
@@ -186,7 +193,7 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora,
     g = magnitude / c
     grad_v = grad_y * g
     bplan = resolve_plan(backward, grad_y.shape[0], "backward")
-    gx, gxl, ga, gb = bplan.run(grad_v, x_v, weight, lora_A, lora_B, scaling, xl_v, None, needs)
+    gx, gxl, ga, gb = bplan.run(grad_v, x_v, weight, lora_A, lora_B, scaling, xl_v, adapter_dtype, needs)
     if form == "peft" and x_lora is not None:
         # rest = (X − X_l) Wᵀ: dX = dY W, and v read X_l: dX_l = dX_l(v) − dY W
         gxl = None
