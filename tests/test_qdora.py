@@ -18,7 +18,7 @@ from runlora_fx.ops import dora as dora_ops
 bnb = pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes (in the test extra)")
 
 from test_dora import mlp_loss, peft_dora_llama  # noqa: E402
-from test_pass import assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
+from test_pass import TARGETS, assert_same_training, lm_inputs, lm_loss, tiny_llama  # noqa: E402
 from test_qlora import LMLoss, _assert_trains_like_eager, _saved_bytes, quantize_linears  # noqa: E402
 
 OP = torch.ops.runlora.dora_linear_4bit.default
@@ -78,6 +78,25 @@ def test_peft_dora_on_bnb_with_bias(double_quant, backend_kwargs):
 def test_peft_dora_on_bnb_bf16():
     model = qdora_llama(dtype=torch.bfloat16)
     assert_same_training(model, lm_inputs, lm_loss, expect_sites=7, steps=1, dtype_tol=2e-2)
+
+
+def test_peft_dora_on_bnb_with_fp32_adapters_on_bf16_compute():
+    """peft's default: fp32 adapters and magnitudes on a bf16 4-bit base (the usual QDoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = quantize_linears(tiny_llama(1, torch.bfloat16), "nf4", True)
+    for m in base.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype = torch.bfloat16
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=TARGETS, use_dora=True))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    backend = assert_same_training(model, lm_inputs, lm_loss, expect_sites=7, steps=2, dtype_tol=2e-2)
+    sites = backend.reports[0].sites
+    assert [(s.dtype, s.adapter_dtype, s.base_format) for s in sites] == [("bfloat16", "float32", "bnb_nf4")] * 7
 
 
 def test_peft_dora_on_bnb_left_to_the_library_when_asked():

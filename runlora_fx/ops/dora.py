@@ -242,7 +242,7 @@ dora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # --- on a packed 4-bit W -----------------------------------------------------------------
 def _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form, norm,
-                forward_plan, backward_plan):
+                forward_plan, backward_plan, adapter_dtype=None):
     fmt = QUANT_FORMATS.get(quant_type)
     if fmt is None:
         raise ValueError(f"runlora.dora_linear_4bit: quant_type must be one of {sorted(QUANT_FORMATS)}; "
@@ -253,7 +253,7 @@ def _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B
                          f"args and shape {list(shape)}")
     weight_like = x.new_empty(()).expand(*shape)  # shape, dtype and device of W, no memory
     check_dora_args(x, weight_like, bias, lora_A, lora_B, magnitude, x_lora, form, norm, forward_plan,
-                    backward_plan)
+                    backward_plan, adapter_dtype)
 
 
 @torch.library.custom_op("runlora::dora_linear_4bit", mutates_args=())
@@ -273,47 +273,50 @@ def dora_linear_4bit(
     norm_plan: str = "norm_lowrank",
     forward_plan: str = "forward1",
     backward_plan: str = "backward1",
+    adapter_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y, v, c) of a DoRA layer on a packed 4-bit W, dequantized to x's dtype."""
+    """(Y, v, c) of a DoRA layer on a packed 4-bit W, dequantized to x's dtype (``adapter_dtype``
+    as for ``dora_linear``)."""
     _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form,
-                norm_plan, forward_plan, backward_plan)
+                norm_plan, forward_plan, backward_plan, adapter_dtype)
     o, i = shape
     weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype)
     y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling,
                            None if x_lora is None else x_lora.reshape(-1, i), form, norm_plan, forward_plan,
-                           lambda _: _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, x.dtype))
+                           lambda _: _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, x.dtype),
+                           adapter_dtype)
     return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
 
 
 @dora_linear_4bit.register_fake
 def _dora_linear_4bit_fake(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling,
                            x_lora=None, form="peft", norm_plan="norm_lowrank", forward_plan="forward1",
-                           backward_plan="backward1"):
+                           backward_plan="backward1", adapter_dtype=None):
     _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form,
-                norm_plan, forward_plan, backward_plan)
-    out = (*x.shape[:-1], shape[0])
-    return x.new_empty(out), x.new_empty(out), x.new_empty((shape[0],))
+                norm_plan, forward_plan, backward_plan, adapter_dtype)
+    out, dtype = (*x.shape[:-1], shape[0]), _out_dtype(x, adapter_dtype)
+    return x.new_empty(out, dtype=dtype), x.new_empty(out, dtype=dtype), magnitude.new_empty((shape[0],))
 
 
-_N_ARGS_4BIT = 15
+_N_ARGS_4BIT = 16
 _X4, _QTENSORS4, _A4, _B4, _M4, _XL4 = 0, 1, 6, 7, 8, 10  # argument positions
 
 
 def _setup_context_4bit(ctx, inputs, output):
     (x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, _, _,
-     backward_plan) = inputs
+     backward_plan, *rest) = inputs
     if bias is not None and bias.requires_grad:
         raise RuntimeError(f"runlora.dora_linear_4bit: bias of shape {tuple(bias.shape)} requires grad, expected a "
                            "frozen base layer; freeze it or do not rewrite this layer")
     _, v, c = output
     ctx.save_for_backward(x, lora_A, lora_B, magnitude, x_lora, v, c, *qtensors)
-    ctx.meta = (quant_type, list(quant_args), list(shape), scaling, form, backward_plan)
+    ctx.meta = (quant_type, list(quant_args), list(shape), scaling, form, backward_plan, rest[0] if rest else None)
     ctx.mark_non_differentiable(v, c)
 
 
 def _backward_4bit(ctx, grad_y, _grad_v, _grad_c):
     x, lora_A, lora_B, magnitude, x_lora, v, c, *qtensors = ctx.saved_tensors
-    quant_type, quant_args, shape, scaling, form, backward_plan = ctx.meta
+    quant_type, quant_args, shape, scaling, form, backward_plan, adapter_dtype = ctx.meta
     passed = len(ctx.needs_input_grad)
     need = tuple(ctx.needs_input_grad) + (False,) * (_N_ARGS_4BIT - passed)
     o, i = shape
@@ -322,7 +325,7 @@ def _backward_4bit(ctx, grad_y, _grad_v, _grad_c):
     gx, gxl, ga, gb, gm = dora_backward(
         grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude, scaling,
         None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, form, backward_plan, needs,
-        bool(need[_M4]))
+        bool(need[_M4]), adapter_dtype)
     grads = [None] * _N_ARGS_4BIT
     # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
     grads[_QTENSORS4] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None

@@ -338,12 +338,12 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
         return "the DoRA term is not added to a linear base output"
     x = strip_noop(base.x)[0]
     x_l = strip_noop(a.x)[0]
-    adapter_dtype = _adapter_dtype(x, x_l) if base.quant is None else None
+    adapter_dtype = _adapter_dtype(x, x_l)
     if adapter_dtype is not None:
         x_l = x  # peft casts x to the adapters' dtype for the LoRA branch: the op's adapter_dtype
     dequantizing = ()
     if base.quant is not None:
-        dequantizing = _dequantized_base_weight(base, nrm)
+        dequantizing = _dequantized_base_weight(base, nrm, adapter_dtype)
         if isinstance(dequantizing, str):
             return dequantizing
     else:
@@ -397,10 +397,14 @@ def _adapter_dtype(x: Any, x_l: Any) -> Optional[torch.dtype]:
     return dtype
 
 
-def _dequantized_base_weight(base: LinearView, nrm: _Norm):
-    """The nodes that dequantize the 4-bit base's W for the norm (``quantized.read_dequantized_weight``),
-    or the reason the norm reads something else."""
-    found = read_dequantized_weight(nrm.weight)
+def _dequantized_base_weight(base: LinearView, nrm: _Norm, adapter_dtype: Optional[torch.dtype]):
+    """The nodes that dequantize the 4-bit base's W for the norm (``quantized.read_dequantized_weight``;
+    then cast to the adapters' dtype, as peft's ``W.to(x.dtype)``), or the reason the norm reads
+    something else."""
+    weight, cast = nrm.weight, ()
+    if adapter_dtype is not None and cast_dtype(weight) == adapter_dtype:
+        weight, cast = weight.args[0], (weight,)
+    found = read_dequantized_weight(weight)
     if found is None:
         src = strip_casts(nrm.weight)
         if src is not nrm.weight and read_dequantized_weight(src) is not None:
@@ -411,7 +415,7 @@ def _dequantized_base_weight(base: LinearView, nrm: _Norm):
     quant, nodes = found
     if not same_packed_weight(base.quant, quant):
         return "the DoRA norm dequantizes another 4-bit weight than the base layer's"
-    return nodes
+    return (*cast, *nodes)
 
 
 def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype=None):
@@ -455,7 +459,8 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, 
     if x_lora is not None:
         dtypes["x_lora"] = meta_value(x_lora).dtype
     if adapter_dtype is not None:
-        base_dtype = getattr(meta_value(base.weight.node), "dtype", None)
+        base_dtype = (getattr(meta_value(base.weight.node), "dtype", None) if base.quant is None
+                      else getattr(meta_value(base.out), "dtype", None))  # a 4-bit base: the dtype it computes in
         expected = {"x": x_val.dtype, "weight": adapter_dtype, "lora_A": adapter_dtype, "lora_B": adapter_dtype,
                     "magnitude": adapter_dtype, "output": torch.promote_types(x_val.dtype, adapter_dtype)}
         if dtypes != expected or base_dtype != x_val.dtype or x_lora is not None or form != "peft":
@@ -568,7 +573,8 @@ def _rewrite_site(gm: fx.GraphModule, site: DoraSite, choice: DoraChoice) -> Non
         if key in final.meta:
             out.meta[key] = final.meta[key]
     final.replace_all_uses_with(out)
-    _erase_dead(graph, [final, *site.nodes])
+    cast_x = [site.a.x] if site.adapter_dtype is not None else []  # peft's x.to(adapter dtype), if now unused
+    _erase_dead(graph, [final, *site.nodes, *cast_x])
 
 
 def _dora_call(site: DoraSite, choice: DoraChoice) -> tuple:
@@ -576,14 +582,14 @@ def _dora_call(site: DoraSite, choice: DoraChoice) -> tuple:
     lora = (site.a.weight.node, site.b.weight.node, site.magnitude, float(site.scaling), site.x_lora, site.form,
             choice.norm, str(choice.forward), str(choice.backward))
     quant = site.quant
+    mixed = () if site.adapter_dtype is None else (site.adapter_dtype,)
     if quant is None:
-        mixed = () if site.adapter_dtype is None else (site.adapter_dtype,)
         return torch.ops.runlora.dora_linear.default, (site.x, site.weight, site.base.bias, *lora, *mixed)
     if quant["quant_type"] == "torchao_nf4_tensor":
-        return dora_linear_nf4, (site.x, quant["weight"], site.base.bias, *lora)
+        return dora_linear_nf4, (site.x, quant["weight"], site.base.bias, *lora, *mixed)
     return torch.ops.runlora.dora_linear_4bit.default, (
         site.x, list(quant["qtensors"]), quant["quant_type"], list(quant["quant_args"]), list(quant["shape"]),
-        site.base.bias, *lora)
+        site.base.bias, *lora, *mixed)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list) -> None:

@@ -335,17 +335,17 @@ def lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_l
 
 def lowered_dora_linear_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, scaling,
                              x_lora=None, form="peft", norm_plan="norm_lowrank", forward_plan="forward1",
-                             backward_plan="backward1"):
+                             backward_plan="backward1", adapter_dtype=None):
     """Same contract as ``torch.ops.runlora.dora_linear_4bit``, as traceable calls."""
     weight = _Packed4bit(quant_type, tuple(int(a) for a in quant_args), tuple(int(d) for d in shape))
     return _LoweredDoRA.apply(x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm_plan, forward_plan,
-                              backward_plan, None, weight, *qtensors)
+                              backward_plan, adapter_dtype, weight, *qtensors)
 
 
 def dora_linear_nf4(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora=None, form="peft",
-                    norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1"):
+                    norm_plan="norm_lowrank", forward_plan="forward1", backward_plan="backward1", adapter_dtype=None):
     """The DoRA layer on a torchao ``NF4Tensor`` base (torchtune's QDoRA), as ``lora_linear_nf4``
     is the LoRA one: a torch.library op cannot take the subclass, so this is the lowered
     autograd.Function, traced subclass and all. Returns (Y, v, c)."""
     return lowered_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan,
-                               forward_plan, backward_plan)
+                               forward_plan, backward_plan, adapter_dtype)
