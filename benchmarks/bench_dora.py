@@ -32,6 +32,7 @@ import peft  # noqa: F401  before runlora_fx: the DoRA polyfill is then in place
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import runlora_fx  # noqa: E402
+from bench_model import quantize_base  # noqa: E402
 from common import environment, saved_activation_bytes, time_interleaved  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +55,8 @@ def build(use_dora: bool, args):
     dtype = getattr(torch, args.dtype)
     model = LlamaForCausalLM(cfg).to(dtype)
     if args.base == "bnb_nf4":
-        quantize_targets(model, dtype, args.device)
+        # W quantized from the model's dtype, as peft's DoRA then dequantizes it to x's dtype
+        quantize_base(model, "nf4", dtype, args.device, source_dtype=dtype)
     model = get_peft_model(model.to(args.device), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                              target_modules=TARGETS, use_dora=use_dora,
                                                              lora_dropout=args.dropout),
@@ -63,20 +65,6 @@ def build(use_dora: bool, args):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model
-
-
-def quantize_targets(model, dtype, device) -> None:
-    """Swaps every target nn.Linear for a bitsandbytes NF4 Linear4bit (double-quantized, computing in ``dtype``)."""
-    import bitsandbytes as bnb
-
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)._quantize(device)
-                setattr(module, child_name, q)
 
 
 def prepare(name: str, args):

@@ -144,9 +144,10 @@ def build_base(spec: ModelSpec, *, layers: Optional[int], seq: int, dtype: torch
     return model.to(dtype).train()
 
 
-def quantize_base(model, quant_type: str, dtype: torch.dtype, device: str):
+def quantize_base(model, quant_type: str, dtype: torch.dtype, device: str, source_dtype: torch.dtype = torch.float32):
     """QLoRA base: every nn.Linear but the output head becomes a bitsandbytes Linear4bit
-    (double quantization on), holding the same weights quantized."""
+    (double quantization on, computing in ``dtype``), holding the same weights quantized from
+    ``source_dtype`` (the dtype its dequantization gives back)."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -155,7 +156,7 @@ def quantize_base(model, quant_type: str, dtype: torch.dtype, device: str):
             if isinstance(child, torch.nn.Linear) and child is not head:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, quant_type=quant_type, device=device)
-                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", source_dtype), requires_grad=False,
                                              quant_type=quant_type)._quantize(device)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=child.bias.requires_grad)

@@ -38,8 +38,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..plans import Needs, catalogue, parse_plan, resolve_plan
-from ..plans.dora import DORA_FORMS, dora_backward, dora_forward, norm_plan
-from .quantized import QUANT_FORMATS, dequantize_4bit
+from ..plans.dora import DORA_FORMS, dora_backward_nd, dora_forward_nd, norm_plan
+from .quantized import dequantize_4bit, packed_weight_like
 
 __all__ = ["dora_linear", "dora_linear_4bit", "row_sq_norms", "row_sq_norms_4bit", "check_dora_args",
            "clear_row_norm_cache", "row_norm_cache_info"]
@@ -185,11 +185,8 @@ def dora_linear(
     and m in another dtype than x and W (``plans/dora.py``), Y and v then in that dtype."""
     check_dora_args(x, weight, bias, lora_A, lora_B, magnitude, x_lora, form, norm_plan, forward_plan, backward_plan,
                     adapter_dtype)
-    o, i = weight.shape
-    y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling,
-                           None if x_lora is None else x_lora.reshape(-1, i), form, norm_plan, forward_plan,
+    return dora_forward_nd(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan, forward_plan,
                            _cached_sq_norms, adapter_dtype)
-    return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
 
 
 def _out_dtype(x, adapter_dtype):
@@ -223,17 +220,11 @@ def _backward(ctx, grad_y, _grad_v, _grad_c):
     x, weight, lora_A, lora_B, magnitude, x_lora, v, c = ctx.saved_tensors
     passed = len(ctx.needs_input_grad)
     need = tuple(ctx.needs_input_grad) + (False,) * (13 - passed)
-    o, i = weight.shape
     needs = Needs(x=bool(need[0] or need[7]), lora_A=bool(need[3]), lora_B=bool(need[4]))
-    gx, gxl, ga, gb, gm = dora_backward(
-        grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
-        None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, ctx.backward_plan,
-        needs, bool(need[5]), ctx.adapter_dtype)
-    grads = (
-        gx.reshape(x.shape) if need[0] and gx is not None else None, None, None,
-        ga if need[3] else None, gb if need[4] else None, gm if need[5] else None, None,
-        gxl.reshape(x.shape) if need[7] and gxl is not None else None, None, None, None, None, None,
-    )
+    gx, gxl, ga, gb, gm = dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, ctx.scaling, x_lora, v, c,
+                                           ctx.form, ctx.backward_plan, needs, bool(need[5]), ctx.adapter_dtype)
+    grads = (gx if need[0] else None, None, None, ga if need[3] else None, gb if need[4] else None,
+             gm if need[5] else None, None, gxl if need[7] else None, None, None, None, None, None)
     return grads[:passed]
 
 
@@ -243,15 +234,7 @@ dora_linear.register_autograd(_backward, setup_context=_setup_context)
 # --- on a packed 4-bit W -----------------------------------------------------------------
 def _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form, norm,
                 forward_plan, backward_plan, adapter_dtype=None):
-    fmt = QUANT_FORMATS.get(quant_type)
-    if fmt is None:
-        raise ValueError(f"runlora.dora_linear_4bit: quant_type must be one of {sorted(QUANT_FORMATS)}; "
-                         f"got {quant_type!r}")
-    if len(qtensors) != len(fmt.tensors) or len(quant_args) != len(fmt.args) or len(shape) != 2:
-        raise ValueError(f"runlora.dora_linear_4bit: {quant_type} takes tensors {list(fmt.tensors)}, args "
-                         f"{list(fmt.args)} and shape [out, in]; got {len(qtensors)} tensors, {len(quant_args)} "
-                         f"args and shape {list(shape)}")
-    weight_like = x.new_empty(()).expand(*shape)  # shape, dtype and device of W, no memory
+    weight_like = packed_weight_like("runlora.dora_linear_4bit", x, qtensors, quant_type, quant_args, shape)
     check_dora_args(x, weight_like, bias, lora_A, lora_B, magnitude, x_lora, form, norm, forward_plan,
                     backward_plan, adapter_dtype)
 
@@ -279,13 +262,10 @@ def dora_linear_4bit(
     as for ``dora_linear``)."""
     _check_4bit(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, magnitude, x_lora, form,
                 norm_plan, forward_plan, backward_plan, adapter_dtype)
-    o, i = shape
     weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype)
-    y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling,
-                           None if x_lora is None else x_lora.reshape(-1, i), form, norm_plan, forward_plan,
+    return dora_forward_nd(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm_plan, forward_plan,
                            lambda _: _cached_sq_norms_4bit(qtensors, quant_type, quant_args, shape, x.dtype),
                            adapter_dtype)
-    return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
 
 
 @dora_linear_4bit.register_fake
@@ -319,21 +299,18 @@ def _backward_4bit(ctx, grad_y, _grad_v, _grad_c):
     quant_type, quant_args, shape, scaling, form, backward_plan, adapter_dtype = ctx.meta
     passed = len(ctx.needs_input_grad)
     need = tuple(ctx.needs_input_grad) + (False,) * (_N_ARGS_4BIT - passed)
-    o, i = shape
     needs = Needs(x=bool(need[_X4] or need[_XL4]), lora_A=bool(need[_A4]), lora_B=bool(need[_B4]))
     weight = dequantize_4bit(qtensors, quant_type, quant_args, shape, x.dtype) if needs.x else None
-    gx, gxl, ga, gb, gm = dora_backward(
-        grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude, scaling,
-        None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, form, backward_plan, needs,
-        bool(need[_M4]), adapter_dtype)
+    gx, gxl, ga, gb, gm = dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora, v, c, form,
+                                           backward_plan, needs, bool(need[_M4]), adapter_dtype)
     grads = [None] * _N_ARGS_4BIT
     # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
     grads[_QTENSORS4] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None
-    grads[_X4] = gx.reshape(x.shape) if need[_X4] and gx is not None else None
+    grads[_X4] = gx if need[_X4] else None
     grads[_A4] = ga if need[_A4] else None
     grads[_B4] = gb if need[_B4] else None
     grads[_M4] = gm if need[_M4] else None
-    grads[_XL4] = gxl.reshape(x.shape) if need[_XL4] and gxl is not None else None
+    grads[_XL4] = gxl if need[_XL4] else None
     return tuple(grads[:passed])
 
 

@@ -39,7 +39,7 @@ from ..plans import Needs, resolve_plan
 from .dense import check_lora_args
 
 __all__ = ["QUANT_FORMATS", "dequantize_4bit", "dequantize_4bit_op", "lora_linear_4bit", "lora_linear_4bit_backward",
-           "nf4_parts"]
+           "nf4_parts", "packed_weight_like"]
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' only supported block size for the absmax of absmax
 
@@ -129,18 +129,24 @@ def nf4_parts(weight) -> Optional[tuple[list, list]]:
              weight.nf4], [int(weight.block_size), int(weight.scaler_block_size)])
 
 
-def _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,
-           backward_plan):
+def packed_weight_like(where: str, x, qtensors, quant_type: str, quant_args, shape) -> Tensor:
+    """Checks a packed 4-bit W's pieces against ``QUANT_FORMATS`` (ValueError naming ``where``, what
+    was expected and what was got) and returns a stand-in with W's shape and x's dtype and device,
+    holding no memory, for the dense argument checks."""
     fmt = QUANT_FORMATS.get(quant_type)
     if fmt is None:
-        raise ValueError(f"runlora.lora_linear_4bit: quant_type must be one of {sorted(QUANT_FORMATS)}; "
-                         f"got {quant_type!r}")
+        raise ValueError(f"{where}: quant_type must be one of {sorted(QUANT_FORMATS)}; got {quant_type!r}")
     if len(qtensors) != len(fmt.tensors) or len(quant_args) != len(fmt.args):
-        raise ValueError(f"runlora.lora_linear_4bit: {quant_type} takes tensors {list(fmt.tensors)} and args "
+        raise ValueError(f"{where}: {quant_type} takes tensors {list(fmt.tensors)} and args "
                          f"{list(fmt.args)}; got {len(qtensors)} tensors and {len(quant_args)} args")
     if len(shape) != 2:
-        raise ValueError(f"runlora.lora_linear_4bit: shape must be [out, in]; got {list(shape)}")
-    weight_like = x.new_empty(()).expand(*shape)  # shape, dtype and device of W, no memory
+        raise ValueError(f"{where}: shape must be [out, in]; got {list(shape)}")
+    return x.new_empty(()).expand(*shape)
+
+
+def _check(x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan,
+           backward_plan):
+    weight_like = packed_weight_like("runlora.lora_linear_4bit", x, qtensors, quant_type, quant_args, shape)
     check_lora_args(x, weight_like, bias, lora_A, lora_B, x_lora, adapter_dtype, forward_plan, backward_plan)
 
 

@@ -227,8 +227,9 @@ def _read_norm(norm: fx.Node):
         delta, s = scaled
         product = _eye_product(delta)
         if product is None:
-            cast = strip_casts(_strip(delta)[0])
-            if cast is not _strip(delta)[0] and _eye_product(cast) is not None:
+            stripped = _strip(delta)[0]
+            cast = strip_casts(stripped)
+            if cast is not stripped and _eye_product(cast) is not None:
                 return (f"DoRA's BA is computed in {getattr(meta_value(cast), 'dtype', None)} and cast to "
                         f"{getattr(meta_value(delta), 'dtype', None)} for the norm (autocast, or adapters in "
                         "another dtype than x): mixed-dtype DoRA is not rewritten")
@@ -341,13 +342,12 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
     adapter_dtype = _adapter_dtype(x, x_l)
     if adapter_dtype is not None:
         x_l = x  # peft casts x to the adapters' dtype for the LoRA branch: the op's adapter_dtype
-    dequantizing = ()
+    dequantizing, w_node = (), nrm.weight
     if base.quant is not None:
         dequantizing = _dequantized_base_weight(base, nrm, adapter_dtype)
         if isinstance(dequantizing, str):
             return dequantizing
     else:
-        w_node = nrm.weight
         if adapter_dtype is not None and cast_dtype(w_node) == adapter_dtype:
             w_node = w_node.args[0]  # peft's W.to(x.dtype), x in the adapters' dtype
         if strip_casts(w_node) is strip_casts(base.weight.node) and not _same_source(base.weight.node, w_node):
@@ -382,10 +382,7 @@ def _read_layer(norm: fx.Node, nrm: _Norm):
         term_nodes += list(second.nodes)
     nodes = (list(nrm.nodes) + chain + lora_nodes + [sub, mul_base, dora, *term_nodes, *base_chain, *base.nodes,
                                                       *dequantizing])
-    site = can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype)
-    if isinstance(site, DoraSite) and base.quant is None:
-        site.weight = w_node  # W in its own dtype, before peft's cast to the adapters' dtype
-    return site
+    return can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype, w_node)
 
 
 def _adapter_dtype(x: Any, x_l: Any) -> Optional[torch.dtype]:
@@ -418,7 +415,7 @@ def _dequantized_base_weight(base: LinearView, nrm: _Norm, adapter_dtype: Option
     return (*cast, *nodes)
 
 
-def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype=None):
+def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, adapter_dtype=None, weight=None):
     """Legality: a DoraSite when the rewrite is exact, else the reason it is not.
 
     Args:
@@ -430,6 +427,7 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, 
         x, x_lora: the layer input and the LoRA branch's own input (None: x).
         nodes: every matched node; none may have a user outside them.
         adapter_dtype: the dtype the LoRA branch casts x to (A, B and m are in it), or None.
+        weight: the W the op takes, in its own dtype (default: the norm's ``nrm.weight``).
 
     Exact only with a frozen W and bias, agreeing shapes, one dtype for x, W, A, B and m (or x
     and W in one, A, B and m in ``adapter_dtype`` and the output in their promotion), and no
@@ -479,7 +477,8 @@ def can_rewrite_dora(final, base, a, b, nrm, magnitude, form, x, x_lora, nodes, 
     x_grad = _requires_grad(x) or (x_lora is not None and _requires_grad(x_lora))
     needs = Needs(x=x_grad, lora_A=_requires_grad(a.weight.node), lora_B=_requires_grad(b.weight.node))
     n = to_sympy(math.prod(x_val.shape[:-1])) if len(x_val.shape) > 1 else sympy.Integer(1)
-    return DoraSite(add=final, base=base, a=a, b=b, weight=nrm.weight, magnitude=magnitude, scaling=nrm.scaling,
+    return DoraSite(add=final, base=base, a=a, b=b, weight=nrm.weight if weight is None else weight,
+                    magnitude=magnitude, scaling=nrm.scaling,
                     form=form, path=path, x=x, x_lora=x_lora, n=n, i=int(i), o=int(o), r=int(r),
                     dtype=x_val.dtype, needs=needs, need_magnitude=_requires_grad(magnitude),
                     nodes=tuple(dict.fromkeys(nodes)), adapter_dtype=adapter_dtype)

@@ -39,7 +39,7 @@ from ..ops.group import run_group_backward, run_group_forward, split_plans
 from ..ops.quantized import nf4_parts
 from ..choose.lora_product import keeps_lora_product
 from ..plans import Needs, forward1_with_lora_product, resolve_plan
-from ..plans.dora import dora_backward, dora_forward
+from ..plans.dora import dora_backward_nd, dora_forward_nd
 from .subgraphs import region_bodies
 
 __all__ = ["dora_linear_nf4", "lowered_dora_linear", "lowered_dora_linear_4bit", "lowered_lora_linear", "lowered_lora_linear_4bit", "lowered_lora_linear_group", "lora_linear_nf4",
@@ -293,35 +293,28 @@ class _LoweredDoRA(torch.autograd.Function):
     def forward(ctx, x, bias, lora_A, lora_B, magnitude, x_lora, scaling, form, norm, forward_plan, backward_plan,
                 adapter_dtype, weight, *parts):
         o, i = weight.shape(*parts)
-        x2 = x.reshape(-1, i)
-        xl2 = None if x_lora is None else x_lora.reshape(-1, i)
-        fplan = resolve_plan(forward_plan, size_hint(x2.shape[0]), "forward").name
+        fplan = resolve_plan(forward_plan, size_hint(x.numel() // i), "forward").name
         w = weight.materialize(parts, x.dtype, "forward")
-        y, v, c = dora_forward(x2, w, bias, lora_A, lora_B, magnitude, scaling, xl2, form, norm, fplan,
-                               lambda _: weight.sq_norms(parts, x.dtype), adapter_dtype)
-        v = v.reshape(*x.shape[:-1], o)
+        y, v, c = dora_forward_nd(x, w, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm, fplan,
+                                  lambda _: weight.sq_norms(parts, x.dtype), adapter_dtype)
         ctx.save_for_backward(x, lora_A, lora_B, magnitude, x_lora, v, c, *parts)
         ctx.scaling, ctx.form, ctx.backward_plan, ctx.weight = scaling, form, backward_plan, weight
         ctx.adapter_dtype = adapter_dtype
         ctx.mark_non_differentiable(v, c)
-        return y.reshape(*x.shape[:-1], o), v, c
+        return y, v, c
 
     @staticmethod
     def backward(ctx, grad_y, _grad_v, _grad_c):
         x, lora_A, lora_B, magnitude, x_lora, v, c, *parts = ctx.saved_tensors
         need_x, _, need_a, need_b, need_m, need_xl = ctx.needs_input_grad[:6]
-        o, i = ctx.weight.shape(*parts)
-        g2 = grad_y.reshape(-1, o)
-        bplan = resolve_plan(ctx.backward_plan, size_hint(g2.shape[0]), "backward").name
+        o, _ = ctx.weight.shape(*parts)
+        bplan = resolve_plan(ctx.backward_plan, size_hint(grad_y.numel() // o), "backward").name
         needs = Needs(x=bool(need_x or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
         weight = ctx.weight.materialize(parts, x.dtype, "backward") if needs.x else None
-        gx, gxl, ga, gb, gm = dora_backward(
-            g2, x.reshape(-1, i), weight, lora_A, lora_B, magnitude, ctx.scaling,
-            None if x_lora is None else x_lora.reshape(-1, i), v.reshape(-1, o), c, ctx.form, bplan, needs,
-            bool(need_m), ctx.adapter_dtype)
-        grads = (gx.reshape(x.shape) if need_x and gx is not None else None, None,
-                 ga if need_a else None, gb if need_b else None, gm if need_m else None,
-                 gxl.reshape(x.shape) if need_xl and gxl is not None else None)
+        gx, gxl, ga, gb, gm = dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, ctx.scaling, x_lora, v, c,
+                                               ctx.form, bplan, needs, bool(need_m), ctx.adapter_dtype)
+        grads = (gx if need_x else None, None, ga if need_a else None, gb if need_b else None,
+                 gm if need_m else None, gxl if need_xl else None)
         return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 

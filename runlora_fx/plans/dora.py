@@ -57,7 +57,9 @@ __all__ = [
     "norm_plan",
     "dora_row_norms",
     "dora_forward",
+    "dora_forward_nd",
     "dora_backward",
+    "dora_backward_nd",
 ]
 
 DORA_FORMS = ("peft", "torchtune")
@@ -203,3 +205,27 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora,
             gx = base
     gm = (grad_y * v).sum(dim=0).div_(c) if need_magnitude else None
     return gx, gxl, ga, gb, gm
+
+
+def _rows(t: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    return None if t is None else t.reshape(-1, width)
+
+
+def dora_forward_nd(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora, form, norm, forward,
+                    w_sq_fn=_plain_sq_norms, adapter_dtype=None):
+    """``dora_forward`` on the ops' tensors: x and x_lora (..., i); Y and v (..., o)."""
+    o, i = weight.shape
+    y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling, _rows(x_lora, i),
+                           form, norm, forward, w_sq_fn, adapter_dtype)
+    return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
+
+
+def dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora, v, c, form, backward,
+                     needs: Needs, need_magnitude: bool, adapter_dtype=None):
+    """``dora_backward`` on the ops' tensors: dX and dX_l come back in x's shape (None where not
+    computed); ``weight`` may be None when dX is not needed."""
+    o, i = c.shape[0], x.shape[-1]
+    gx, gxl, ga, gb, gm = dora_backward(grad_y.reshape(-1, o), x.reshape(-1, i), weight, lora_A, lora_B, magnitude,
+                                        scaling, _rows(x_lora, i), v.reshape(-1, o), c, form, backward, needs,
+                                        need_magnitude, adapter_dtype)
+    return (None if gx is None else gx.reshape(x.shape), None if gxl is None else gxl.reshape(x.shape), ga, gb, gm)
