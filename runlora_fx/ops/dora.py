@@ -39,7 +39,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..plans import Needs, catalogue, parse_plan, resolve_plan
 from ..plans.dora import DORA_FORMS, dora_backward_nd, dora_forward_nd, norm_plan
-from .quantized import dequantize_4bit, packed_weight_like
+from .quantized import dequantize_4bit, no_grads_for, packed_weight_like
 
 __all__ = ["dora_linear", "dora_linear_4bit", "row_sq_norms", "row_sq_norms_4bit", "check_dora_args",
            "clear_row_norm_cache", "row_norm_cache_info"]
@@ -304,8 +304,7 @@ def _backward_4bit(ctx, grad_y, _grad_v, _grad_c):
     gx, gxl, ga, gb, gm = dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora, v, c, form,
                                            backward_plan, needs, bool(need[_M4]), adapter_dtype)
     grads = [None] * _N_ARGS_4BIT
-    # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
-    grads[_QTENSORS4] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None
+    grads[_QTENSORS4] = no_grads_for(qtensors)
     grads[_X4] = gx if need[_X4] else None
     grads[_A4] = ga if need[_A4] else None
     grads[_B4] = gb if need[_B4] else None

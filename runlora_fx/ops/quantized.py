@@ -39,7 +39,7 @@ from ..plans import Needs, resolve_plan
 from .dense import check_lora_args
 
 __all__ = ["QUANT_FORMATS", "dequantize_4bit", "dequantize_4bit_op", "lora_linear_4bit", "lora_linear_4bit_backward",
-           "nf4_parts", "packed_weight_like"]
+           "nf4_parts", "no_grads_for", "packed_weight_like"]
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' only supported block size for the absmax of absmax
 
@@ -208,6 +208,12 @@ _N_ARGS = 13
 _X, _QTENSORS, _A, _B, _X_LORA = 0, 1, 6, 7, 9  # argument positions
 
 
+def no_grads_for(qtensors):
+    """The backward's entry for a ``qtensors`` argument: torch.library flattens a list holding only
+    tensors into one input each (so one None each), else keeps it whole (one None)."""
+    return [None] * len(qtensors) if all(t is not None for t in qtensors) else None
+
+
 def _setup_context(ctx, inputs, output):
     (x, qtensors, quant_type, quant_args, shape, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype, _,
      backward_plan) = inputs
@@ -228,8 +234,7 @@ def _backward(ctx, grad_y):
         grad_y, x, qtensors, quant_type, quant_args, shape, lora_A, lora_B, scaling, x_lora, adapter_dtype,
         backward_plan, needs)
     grads = [None] * _N_ARGS
-    # torch.library flattens a list holding only tensors into one input each, else keeps it whole.
-    grads[_QTENSORS] = [None] * len(qtensors) if all(t is not None for t in qtensors) else None
+    grads[_QTENSORS] = no_grads_for(qtensors)
     grads[_X] = gx if need[_X] else None
     grads[_A] = ga if need[_A] else None
     grads[_B] = gb if need[_B] else None
