@@ -144,6 +144,10 @@ class FuzzNet(nn.Module):
             else:
                 setattr(self, f"A{k}", A), setattr(self, f"B{k}", B)
 
+    def epilogue(self, k: int, y: torch.Tensor) -> torch.Tensor:
+        """What happens to site k's output before anything reads it (tests/test_inplace_outputs.py)."""
+        return y
+
     def _base(self, k, site, h):
         if site.base == "module":
             return getattr(self, f"base{k}")(h)
@@ -189,7 +193,7 @@ class FuzzNet(nn.Module):
                 lora = lb * (site.s if site.scale == "right" else site.s / 2.0)
             else:
                 lora = lb
-            outs.append(lora + base if site.lora_first else base + lora)
+            outs.append(self.epilogue(k, lora + base if site.lora_first else base + lora))
             extra = {"xa_user": xa, "base_user": base, "lora_user": lb}.get(site.blocker)
             if extra is not None:
                 extras.append(extra.sum())

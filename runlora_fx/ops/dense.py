@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ..plans import Needs, parse_plan, resolve_plan
+from ..plans import Needs, parse_plan, resolve_plan, rows_as_output
 
 __all__ = ["lora_linear", "lora_linear_backward", "check_lora_args"]
 
@@ -97,7 +97,7 @@ def lora_linear(
     xl2 = None if x_lora is None else x_lora.reshape(-1, i)
     plan = resolve_plan(forward_plan, x2.shape[0], "forward")
     y = plan.run(x2, weight, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return rows_as_output(y, x)
 
 
 @lora_linear.register_fake

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ..plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, parse_plan, resolve_plan
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, parse_plan, resolve_plan, rows_as_output
 from ..plans.catalogue import merged_weight_for_backward
 
 __all__ = ["GROUPABLE_BACKWARD", "check_group_args", "lora_linear_group", "lora_linear_group_backward",
@@ -225,7 +225,7 @@ def lora_linear_group(
     xl2 = None if x_lora is None else x_lora.reshape(-1, i)
     fplans = _resolved(forward_plans, len(weights), x2.shape[0], "forward")
     outs, _ = run_group_forward(x2, weights, biases, lora_As, lora_Bs, scalings, xl2, adapter_dtype, fplans)
-    return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights)]
+    return [rows_as_output(y, x) for y in outs]
 
 
 @lora_linear_group.register_fake

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ..plans import Needs, resolve_plan
+from ..plans import Needs, resolve_plan, rows_as_output
 from .dense import check_lora_args
 
 __all__ = ["QUANT_FORMATS", "dequantize_4bit", "dequantize_4bit_op", "lora_linear_4bit", "lora_linear_4bit_backward",
@@ -165,7 +165,7 @@ def lora_linear_4bit(
     plan = resolve_plan(forward_plan, x2.shape[0], "forward")
     y = plan.run(x2, weight, bias, lora_A, lora_B, scaling, None if x_lora is None else x_lora.reshape(-1, i),
                  adapter_dtype)
-    return y.reshape(*x.shape[:-1], o)
+    return rows_as_output(y, x)
 
 
 @lora_linear_4bit.register_fake

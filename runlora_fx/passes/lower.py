@@ -38,7 +38,7 @@ from .. import ops  # noqa: F401  registers torch.ops.runlora.*
 from ..ops.group import run_group_backward, run_group_forward, split_plans
 from ..ops.quantized import nf4_parts
 from ..choose.lora_product import keeps_lora_product
-from ..plans import Needs, forward1_with_lora_product, resolve_plan
+from ..plans import Needs, forward1_with_lora_product, resolve_plan, rows_as_output
 from ..plans.dora import dora_backward_nd, dora_forward_nd
 from .subgraphs import region_bodies
 
@@ -122,7 +122,7 @@ class _LoweredLoRA(torch.autograd.Function):
             y = plan.run(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         ctx.save_for_backward(x, lora_A, lora_B, x_lora, product, *parts)
         ctx.scaling, ctx.adapter_dtype, ctx.backward_plan, ctx.weight = scaling, adapter_dtype, backward_plan, weight
-        return y.reshape(*x.shape[:-1], o)
+        return rows_as_output(y, x)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -240,7 +240,7 @@ class _LoweredGroup(torch.autograd.Function):
         ctx.save_for_backward(x, x_lora, *weights, *lora_As, *lora_Bs, *[products[j] for j in kept])
         ctx.k, ctx.n_bias, ctx.scalings, ctx.adapter_dtype = k, sum(has_bias), list(scalings), adapter_dtype
         ctx.backward_plans, ctx.kept = backward_plans, kept
-        return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights))
+        return tuple(rows_as_output(y, x) for y in outs)
 
     @staticmethod
     def backward(ctx, *grads):

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "rows_as_output",
     "ForwardPlan",
     "BackwardPlan",
     "Needs",
@@ -182,6 +183,17 @@ def _backward_terms(plan: BackwardPlan, needs: Needs) -> list[str]:
 
 
 # --- forward implementations -------------------------------------------------------------
+def rows_as_output(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A chain's 2-D result (n, o) in x's leading shape, as a tensor of its own, not a view.
+
+    ``reshape`` would return a view of a tensor made inside the op or autograd.Function, and
+    autograd refuses (or, through an opaque op, miscounts) an in-place op on such a view:
+    ``y += r``, ``y.mul_(2)``, ``y.view(-1, o).add_(b)`` on a site's output. ``aten._unsafe_view``
+    is how ``matmul`` folds its own result: the same storage, no view relation to track.
+    """
+    return torch.ops.aten._unsafe_view(rows, (*x.shape[:-1], rows.shape[-1]))
+
+
 def _lora_input(x: torch.Tensor, x_lora: Optional[torch.Tensor], adapter_dtype) -> torch.Tensor:
     src = x if x_lora is None else x_lora
     return src if adapter_dtype is None or src.dtype == adapter_dtype else src.to(adapter_dtype)

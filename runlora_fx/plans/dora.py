@@ -46,7 +46,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .catalogue import Needs, i, n, o, r
+from .catalogue import Needs, i, n, o, r, rows_as_output
 from .piecewise import resolve_plan
 
 __all__ = [
@@ -217,7 +217,7 @@ def dora_forward_nd(x, weight, bias, lora_A, lora_B, magnitude, scaling, x_lora,
     o, i = weight.shape
     y, v, c = dora_forward(x.reshape(-1, i), weight, bias, lora_A, lora_B, magnitude, scaling, _rows(x_lora, i),
                            form, norm, forward, w_sq_fn, adapter_dtype)
-    return y.reshape(*x.shape[:-1], o), v.reshape(*x.shape[:-1], o), c
+    return rows_as_output(y, x), rows_as_output(v, x), c
 
 
 def dora_backward_nd(grad_y, x, weight, lora_A, lora_B, magnitude, scaling, x_lora, v, c, form, backward,
