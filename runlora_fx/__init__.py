@@ -23,17 +23,20 @@ from .choose import PlanChoice, choose_plan  # noqa: E402
 from .choose.roofline import DeviceModel  # noqa: E402
 from .explain import explain  # noqa: E402
 from .export import load, rewrite_exported_program  # noqa: E402
+from .inspection.coverage import Coverage, coverage  # noqa: E402
 from .inspection.report import RewriteReport  # noqa: E402
 from .install import install, uninstall  # noqa: E402
 from .ops import quantized as qlora  # noqa: E402  the 4-bit ops, under their former name
 from .options import RewriteOptions  # noqa: E402
 from .passes.dora import make_peft_dora_traceable  # noqa: E402
 from .passes.rewrite import rewrite  # noqa: E402
+from .passes.upstream import UPSTREAM_SPOTS, make_upstream_traceable  # noqa: E402  compile-only fixes of upstream spots
 from .plans import BACKWARD_PLANS, FORWARD_PLANS, Needs, PiecewisePlan  # noqa: E402
 from .tuning import tune  # noqa: E402
 
 __all__ = [
     "BACKWARD_PLANS",
+    "Coverage",
     "DeviceModel",
     "FORWARD_PLANS",
     "Needs",
@@ -41,12 +44,15 @@ __all__ = [
     "PlanChoice",
     "RewriteOptions",
     "RewriteReport",
+    "UPSTREAM_SPOTS",
     "choose_plan",
+    "coverage",
     "explain",
     "install",
     "load",
     "make_backend",
     "make_peft_dora_traceable",
+    "make_upstream_traceable",
     "ops",
     "qlora",
     "rewrite",

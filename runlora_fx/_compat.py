@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["TORCH_MIN", "TORCH_MAX_EXCLUSIVE", "check_torch_version", "custom_graph_pass_base", "detect_fake_mode",
-           "inductor_config_patches", "install_ddp_presplit_hook", "on_compile_start", "size_hint", "torch_version"]
+           "dynamo_graph_break_reasons", "eager_backward_compile", "ensure_compile_start_callbacks", "in_optimized_module",
+           "inductor_config_patches", "innermost_backend", "install_ddp_presplit_hook", "on_compile_start", "size_hint", "torch_version"]
 
 # Tested on 2.11 (GPU machine) and 2.13 (CPU CI). torch.library.custom_op with
 # register_autograd / register_fake and ExportedProgram.run_decompositions() as used here
@@ -73,14 +74,63 @@ def autocast_markers() -> tuple:
     return getattr(mode, "_enter_autocast", None), getattr(mode, "_exit_autocast", None)
 
 
+_COMPILE_START: list = []  # the callbacks runlora_fx runs when Dynamo starts compiling a frame
+
+
 def on_compile_start(callback) -> bool:
     """Runs ``callback()`` when Dynamo starts compiling a frame, before it traces
-    (``torch._dynamo.callback_handler``, private); False where that hook is absent."""
+    (``torch._dynamo.callback_handler``, private); False where that hook is absent.
+    ``torch._dynamo.reset()`` clears these callbacks: the front doors put them back
+    (``ensure_compile_start_callbacks``)."""
+    if callback not in _COMPILE_START:
+        _COMPILE_START.append(callback)
+    return ensure_compile_start_callbacks()
+
+
+def ensure_compile_start_callbacks() -> bool:
+    """Registers (again, after a ``torch._dynamo.reset()``) and runs every ``on_compile_start``
+    callback; False where Dynamo's callback hook is absent."""
     handler = getattr(torch._dynamo, "callback_handler", None)
     if handler is None or not hasattr(handler, "register_start_callback"):
         return False
-    handler.register_start_callback(lambda *_: callback())
+    registered = getattr(handler, "start_callbacks", [])
+    for callback in _COMPILE_START:
+        if not any(getattr(c, "runlora_callback", None) is callback for c in registered):
+            def start(*_, _callback=callback):
+                _callback()
+            start.runlora_callback = callback
+            handler.register_start_callback(start)
+        callback()
     return True
+
+
+def in_optimized_module() -> bool:
+    """Whether a ``torch.compile``'d module's call is running (``torch._dynamo.eval_frame``'s
+    flag, private; set around ``OptimizedModule.__call__``, eager fallbacks inside it included)."""
+    check = getattr(torch._dynamo.eval_frame, "_is_in_optimized_module", None)
+    return bool(check()) if check is not None else False
+
+
+def innermost_backend(callback):
+    """The backend a Dynamo callback wraps (``torch._dynamo.eval_frame.innermost_backend``)."""
+    return torch._dynamo.eval_frame.innermost_backend(callback)
+
+
+def dynamo_graph_break_reasons() -> dict:
+    """{reason: count} of the graph breaks Dynamo has counted in this process (``torch._dynamo.utils.counters``)."""
+    return dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def eager_backward_compile(enabled: bool = True):
+    """AOTAutograd compiles the backward graph with the forward, not at the first backward
+    (``torch._functorch.config.force_non_lazy_backward_lowering``), so a compile failure surfaces
+    while the backend can still fall back; a no-op context where the flag is absent."""
+    import contextlib
+
+    config = torch._functorch.config
+    if not enabled or not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 def install_ddp_presplit_hook() -> bool:

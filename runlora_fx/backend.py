@@ -17,17 +17,19 @@ the FX graph cache, and a different plan is a different key.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ._compat import inductor_config_patches, install_ddp_presplit_hook
+from ._compat import (eager_backward_compile, ensure_compile_start_callbacks, inductor_config_patches,
+                      install_ddp_presplit_hook)
 from .choose.measure import tuner_for
 from .install import LowerRunLoRAOps, rewrite_and_report, with_pre_grad_pass
 from .options import INNER_COMPILERS, LOWERINGS, RewriteOptions, default_lowering
-from .passes.dora import make_peft_dora_traceable
+from .passes import dora as _dora, upstream as _upstream  # noqa: F401  register their compile-start fixes
 from .passes.lower import lower_runlora_ops
 from .passes.match import module_path
 
@@ -57,6 +59,11 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
             checked here with inductor's own messages. ``torch.compile(backend=make_backend(...),
             mode=..., options=...)`` also passes them per call; those apply after these.
 
+    If compiling a rewritten graph fails (tracing the lowered chain, AOTAutograd, inductor, the
+    backward included), the graph is compiled again as it came, with one warning naming the
+    graph, its first site and the error; the report's ``fallback`` records it. A failure of the
+    graph as it came is the user's, and is raised.
+
     Returns:
         A callable ``backend(gm, example_inputs)``; its ``reports`` list collects the reports,
         ``options`` is the validated ``RewriteOptions`` and, for "time", ``tuner`` is the
@@ -71,7 +78,7 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
     rewrite_options = tuner_for(RewriteOptions.build(options, **option_fields))
     if lowering == "opaque" or inner == "eager":  # the op itself keeps only its inputs: X_l·Aᵀ is recomputed
         rewrite_options = RewriteOptions.build(rewrite_options, save_lora_product=False)
-    make_peft_dora_traceable()  # before Dynamo traces: peft's DoRA would graph-break (passes/dora.py)
+    ensure_compile_start_callbacks()  # before Dynamo traces: peft's DoRA, upstream spots (passes/dora.py, upstream.py)
     base_patches = inductor_config_patches(mode, inductor_options)
     reports = []
 
@@ -90,30 +97,47 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
             presplit.pop()
 
     def _rewrite(gm, example_inputs):
-        rewrite_and_report(gm, rewrite_options, reports, dump_dir=dump_dir, on_report=on_report,
+        return rewrite_and_report(gm, rewrite_options, reports, dump_dir=dump_dir, on_report=on_report,
                            example_inputs=example_inputs)
 
     def backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                 options: Optional[dict] = None):
         patches = {**base_patches, **inductor_config_patches(mode, options)}
-        if not presplit:
-            _rewrite(gm, example_inputs)
-            _warn_cut_sites(gm)
-        lowered = (lowering or default_lowering(example_inputs)) == "aten"
+        if presplit:  # rewritten whole already: nothing to fall back to here
+            return _compile(gm, example_inputs, patches, rewritten=True)
+        original = copy.deepcopy(gm)
+        report = _rewrite(gm, example_inputs)
+        _warn_cut_sites(gm)
+        if not report.rewritten:
+            return _compile(gm, example_inputs, patches, rewritten=False)
+        try:
+            return _compile(gm, example_inputs, patches, rewritten=True)
+        except Exception as error:  # noqa: BLE001 - the safety net: compile the graph as it came
+            report.fallback = f"{type(error).__name__}: {_first_line(error)}"
+            warnings.warn(f"runlora: compiling {report.graph} with its {report.rewritten} rewritten site(s) failed "
+                          f"(first: {report.sites[0].path}): {report.fallback}; compiling it without the rewrite",
+                          stacklevel=2)
+            log.warning("runlora: %s compiled without the rewrite", report.graph, exc_info=True)
+            return _compile(original, example_inputs, patches, rewritten=False)
+
+    def _compile(gm, example_inputs, patches, *, rewritten: bool):
+        lowered = rewritten and (lowering or default_lowering(example_inputs)) == "aten"
         if inner == "eager":
             return gm.forward
         if inner == "aot_eager":
             if lowered:
                 lower_runlora_ops(gm, save_lora_product=rewrite_options.save_lora_product)
             from torch._dynamo.backends.debugging import aot_eager
-            return aot_eager(gm, example_inputs)
+            with eager_backward_compile(rewritten):
+                return aot_eager(gm, example_inputs)
         from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
         if lowered:  # as inductor's pre-grad pass, after the cache lookup: the caches key on the op
-            patches["pre_grad_custom_pass"] = with_pre_grad_pass(
+            patches = dict(patches, pre_grad_custom_pass=with_pre_grad_pass(
                 patches.get("pre_grad_custom_pass", config.pre_grad_custom_pass),
-                LowerRunLoRAOps(rewrite_options.save_lora_product))
-        return compile_fx(gm, example_inputs, config_patches=patches)
+                LowerRunLoRAOps(rewrite_options.save_lora_product)))
+        with eager_backward_compile(rewritten):  # a backward that fails to compile fails here, not mid-step
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.reports = reports
     backend.runlora_presplit = runlora_presplit
@@ -129,6 +153,7 @@ def runlora_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[
     ``torch.compile(model, backend="runlora", mode=..., options=...)`` passes inductor's
     ``mode`` and ``options`` dict here; they patch inductor's config as for "inductor".
     """
+    ensure_compile_start_callbacks()  # for the frames after this one, after a torch._dynamo.reset()
     if _PRESPLIT:  # a piece of a DDP graph rewritten whole (runlora_presplit)
         return _PRESPLIT[-1](gm, example_inputs, mode=mode, options=options)
     return make_backend(mode=mode, inductor_options=options)(gm, example_inputs)
@@ -152,6 +177,11 @@ runlora_backend.runlora_presplit = _default_presplit
 install_ddp_presplit_hook()
 
 _cut_warned: set = set()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else repr(error)
 
 
 def _warn_cut_sites(gm: torch.fx.GraphModule) -> None:

@@ -37,12 +37,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ._compat import custom_graph_pass_base
+from ._compat import custom_graph_pass_base, ensure_compile_start_callbacks
 from ._version import __version__
 from .choose.measure import tuner_for
+from .inspection.coverage import note_report
 from .inspection.dump import dump_graph, next_graph_name, readable
 from .options import RewriteOptions
 from .passes.lower import lower_runlora_ops
+from .passes import dora as _dora, upstream as _upstream  # noqa: F401  register their compile-start fixes
 from .passes.rewrite import rewrite
 
 __all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "rewrite_and_report", "source_fingerprint", "uninstall",
@@ -114,6 +116,8 @@ class RunLoRAPass(LowerRunLoRAOps):
         options: the ``RewriteOptions`` in use.
     """
 
+    runs_runlora_pass = True  # inspection/coverage.py: a compile with this pass installed is runlora's
+
     def __init__(self, options: RewriteOptions, *, dump_dir: Optional[str] = None,
                  on_report: Optional[Callable] = None):
         super().__init__(options.save_lora_product)
@@ -123,6 +127,7 @@ class RunLoRAPass(LowerRunLoRAOps):
         self.reports: list = []
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        ensure_compile_start_callbacks()  # for the frames after this one, after a torch._dynamo.reset()
         gm = graph.owning_module
         if gm is None:
             return
@@ -159,6 +164,7 @@ def rewrite_and_report(gm: torch.fx.GraphModule, options: RewriteOptions, report
     before = readable(gm) if dump else None
     report = rewrite(gm, options, graph_name=name)
     reports.append(report)
+    note_report(report)
     if on_report is not None:
         on_report(report)
     if dump:
@@ -193,6 +199,7 @@ def install(*, dump_dir: Optional[str] = None, on_report: Optional[Callable] = N
     """
     from torch._inductor import config
 
+    ensure_compile_start_callbacks()  # before Dynamo traces: peft's DoRA, upstream spots (passes/dora.py, upstream.py)
     new_pass = RunLoRAPass(RewriteOptions.build(options, **option_fields), dump_dir=dump_dir, on_report=on_report)
     with _LOCK:
         previous = config.pre_grad_custom_pass

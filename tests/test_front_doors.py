@@ -249,6 +249,19 @@ def test_hf_trainer_torch_compile_after_install_trains_like_inductor(tmp_path):
     assert all(not r.rejected for r in pass_.reports)
 
 
+@pytest.mark.slow
+def test_hf_trainer_gradient_checkpointing_after_install_rewrites_every_site(tmp_path):
+    """Trainer(gradient_checkpointing=True, torch_compile=True) with the default use_cache: the
+    checkpointed layer compiles (``passes/upstream.py``) and every site in it is rewritten."""
+    eager = _train(tmp_path, "eager", peft_llama(), gradient_checkpointing=True)
+    torch._dynamo.reset()
+    with runlora_fx.install() as pass_, torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        rewritten = _train(tmp_path, "runlora", peft_llama(), torch_compile=True, gradient_checkpointing=True)
+    torch.testing.assert_close(rewritten, eager, rtol=1e-4, atol=1e-5)
+    assert sum(len(r.sites) for r in pass_.reports) == 7
+
+
 def test_hf_trainer_with_a_precompiled_model_needs_remove_unused_columns_false(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNLORA_DUMP_DIR", str(tmp_path / "dumps"))
     eager = _train(tmp_path, "eager", peft_llama())

@@ -18,10 +18,10 @@ from test_pass import LORA_OP, TorchtuneLoRALinear, assert_same_training, lm_inp
 HOP = torch.ops.higher_order
 
 
-def checkpointed(model):
-    """HF gradient checkpointing, non-reentrant; use_cache off (its warning_once graph-breaks)."""
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def checkpointed(model, reentrant=False):
+    """HF gradient checkpointing with the default use_cache (transformers 5.25 warns inside the
+    checkpointed frame; ``passes/upstream.py`` makes that traceable)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     return model
 
@@ -47,8 +47,9 @@ SITE_PATHS = {f"layers.{layer}.{block}.{proj}" for layer in (0, 1) for block, pr
     for proj in projs}
 
 
-def test_hf_gradient_checkpointing_every_site_rewritten_and_training_matches():
-    backend = assert_same_training(checkpointed(peft_llama()), lm_inputs, lm_loss, expect_sites=14, steps=2,
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_hf_gradient_checkpointing_every_site_rewritten_and_training_matches(reentrant):
+    backend = assert_same_training(checkpointed(peft_llama(), reentrant), lm_inputs, lm_loss, expect_sites=14, steps=2,
                                    backend_kwargs=dict(inner="aot_eager", lowering="aten"))
     # HF's input-grad hook (requires_grad_ on the embedding output) breaks the graph before the
     # decoder, so Dynamo's frame, and the paths it records, start at the LlamaModel

@@ -47,6 +47,10 @@ keys are unaffected):
   "g0: path, path, ..." listing its members; null when the site has its own op.
 - ``sites[].group_note``: why a site with siblings (same x) was not grouped, or null.
 - ``totals.groups``: the number of sibling groups.
+- ``fallback``: why the graph was compiled without the rewrite (compiling the rewritten graph
+  failed; ``backend.py``'s safety net), or null.
+- ``coverage``: from ``explain()``, every LoRA layer of the model as {"path", "status",
+  "reason", "region", "graph_breaks"} (``inspection/coverage.py``); null elsewhere.
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ class RewriteReport:
     sites: list = dataclasses.field(default_factory=list)
     rejected: list = dataclasses.field(default_factory=list)
     pass_seconds: float = 0.0  # wall time of the pass (match, choose, rewrite) on this graph
+    fallback: Optional[str] = None  # why this graph was compiled without the rewrite (backend's safety net)
+    coverage: Optional[object] = None  # explain(): the model's LoRA layers and their fates (inspection/coverage.py)
 
     @property
     def rewritten(self) -> int:
@@ -170,6 +176,8 @@ class RewriteReport:
         kept = sum(1 for s in self.sites if s.lora_product_bytes)
         if kept:
             line += f"; x·Aᵀ kept for dB at {kept} sites when lowered (+{_bytes(t['lora_product_bytes'])})"
+        if self.fallback:
+            line += f"; NOT APPLIED, compiled without the rewrite: {self.fallback}"
         return line
 
     def to_dict(self) -> dict:
@@ -186,6 +194,8 @@ class RewriteReport:
             "sites": sites,
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "totals": self.totals(),
+            "fallback": self.fallback,
+            "coverage": None if self.coverage is None else [dataclasses.asdict(f) for f in self.coverage.layers],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -247,6 +257,8 @@ class RewriteReport:
             out.append("sibling groups:")
             out += [f"  {line}" for line in self._group_lines()]
         out.append(self.summary())
+        if self.coverage is not None:
+            out.append(str(self.coverage))
         return "\n".join(out)
 
 

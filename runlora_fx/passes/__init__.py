@@ -7,6 +7,7 @@
     subgraphs.py   the bodies of checkpoint / wrap / invoke_subgraph ops the pass enters (``region_bodies``)
     rewrite.py     each legal site into one ``runlora.*`` op with its chosen plans (``rewrite``)
     lower.py       each op into its plan's ATen chain, for inductor (``lower_runlora_ops``)
+    upstream.py    upstream spots Dynamo cannot trace in LoRA models, fixed while compiling
 """
 
 from .match import LoraSite, Rejection, find_sites, match_lora

@@ -1,0 +1,74 @@
+"""The backend's safety net: a rewritten graph that fails to compile is compiled as it came,
+with one warning and the report's ``fallback``; training then matches plain compilation."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import runlora_fx
+from runlora_fx.passes import lower
+
+from test_pass import TorchtuneLoRALinear
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(TorchtuneLoRALinear(16, 32, 4), torch.nn.GELU(), TorchtuneLoRALinear(32, 16, 4))
+
+
+def _step(model, x):
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _injected(*_, **__):
+    raise RuntimeError("injected failure in the lowered chain")
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("backend_kwargs", [dict(), dict(inner="aot_eager")], ids=["inductor", "aot_eager"])
+def test_injected_compile_failure_trains_like_plain_compile_and_warns_once(monkeypatch, phase, backend_kwargs):
+    monkeypatch.setattr(lower._LoweredLoRA, phase, staticmethod(_injected))
+    model, plain_model = _model(), _model()
+    x = torch.randn(3, 5, 16)
+    backend = runlora_fx.make_backend(**backend_kwargs)
+    compiled = torch.compile(model, backend=backend)
+    plain = torch.compile(plain_model, backend=backend_kwargs.get("inner", "inductor"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [_step(compiled, x) for _ in range(2)]
+    want = [_step(plain, x) for _ in range(2)]
+    ours = [w for w in caught if "compiling it without the rewrite" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "injected failure" in str(ours[0].message) and "0" in str(ours[0].message)
+    (report,) = backend.reports
+    assert report.rewritten == 2 and "injected failure" in report.fallback
+    assert "NOT APPLIED" in report.summary()
+    for (loss, grads), (loss_want, grads_want) in zip(got, want):
+        torch.testing.assert_close(loss, loss_want, rtol=1e-5, atol=1e-6)
+        for g, h in zip(grads, grads_want):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+
+
+def test_no_fallback_when_the_rewritten_graph_compiles():
+    backend = runlora_fx.make_backend(inner="aot_eager")
+    _step(torch.compile(_model(), backend=backend), torch.randn(3, 5, 16))
+    (report,) = backend.reports
+    assert report.rewritten == 2 and report.fallback is None
+    assert report.to_dict()["fallback"] is None
+
+
+def test_a_graph_that_fails_without_the_rewrite_too_raises(monkeypatch):
+    """Only a failure the rewrite caused falls back: the graph as it came failing is raised."""
+    from torch._dynamo.backends import debugging
+
+    def broken(gm, example_inputs, **kwargs):
+        raise RuntimeError("the inner compiler fails on every graph")
+
+    monkeypatch.setattr(debugging, "aot_eager", broken)
+    compiled = torch.compile(_model(), backend=runlora_fx.make_backend(inner="aot_eager"))
+    with pytest.raises(Exception, match="fails on every graph"):
+        compiled(torch.randn(3, 5, 16))
