@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 import runlora_fx  # noqa: E402,F401  registers the op
 from runlora_fx.choose.measure import Autotuner, SiteInputs  # noqa: E402
-from runlora_fx.plans import BACKWARD_PLANS, FORWARD_PLANS  # noqa: E402
+from runlora_fx.plans import backward_plan, forward_plan  # noqa: E402
 from runlora_fx.choose import choose, time_request  # noqa: E402
 
 CRITERIA = ("flops", "roofline", "time")
@@ -67,7 +67,7 @@ def parse_point(spec: str):
 
 def pair_flops(pair: str, n: int, i: int, o: int, r: int) -> int:
     f, b = pair.split("/")
-    return int(FORWARD_PLANS[f].flops(n, i, o, r) + BACKWARD_PLANS[b].flops(n, i, o, r))
+    return int(forward_plan(f).flops(n, i, o, r) + backward_plan(b).flops(n, i, o, r))  # by name: fused too
 
 
 def run_point(point, *, device: str, dtype: torch.dtype, allow_merged: bool, warmup: int, repeats: int,

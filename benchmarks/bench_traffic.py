@@ -37,6 +37,14 @@ activations, plus the loss and logits); "saved o×i" counts those shaped like a 
 ``--merged-forward-cse`` puts back the lowering before merged dX was recomputed (BENCHMARKS.md,
 "Merged plans: memory").
 
+``--fused`` adds an analytic table (no compile): what LoRA adds per layer, in bytes and
+launches, under forward1/backward1, forward2/backward5 and the fused pair (Triton kernels,
+``ops/fused.py``, which run only on CUDA and so cannot be compiled here), each site priced as the
+roofline's kernel list for its plans (``choose/roofline.py``; X·Aᵀ kept for dB where the
+lowered chain keeps it), minus the frozen layer's two GEMMs; beside the counted peft + inductor
+row of the same run, when ``--modes`` counted it with frozen_inductor (``--modes ""``: the
+analytic table alone, seconds).
+
 Limits: CPU inductor, not Triton; the post-grad graph is device-independent up to CPU vs CUDA
 decompositions (CPU attention is ``_scaled_dot_product_flash_attention_for_cpu``, counted as
 flash attention), but CPU fusion differs, so fusion is modelled, not read from the CPU
@@ -66,12 +74,15 @@ import bench_model  # noqa: E402
 import common  # noqa: E402
 
 import runlora_fx  # noqa: E402
+from runlora_fx import options  # noqa: E402
 from runlora_fx._compat import size_hint  # noqa: E402
-from runlora_fx.choose.roofline import DEVICE_MODELS, Layout, backward_kernels, forward_kernels  # noqa: E402
+from runlora_fx.choose.lora_product import keeps_lora_product  # noqa: E402
+from runlora_fx.choose.roofline import DEVICE_MODELS, KERNELS, Layout, backward_kernels, forward_kernels  # noqa: E402
+from runlora_fx.choose.roofline import has_bias as sym_has_bias  # noqa: E402
 from runlora_fx.plans import Needs, resolve_plan  # noqa: E402
 from runlora_fx.plans.catalogue import i as sym_i, n as sym_n, o as sym_o, r as sym_r  # noqa: E402
 
-__all__ = ["StepCost", "count_graph", "main"]
+__all__ = ["StepCost", "count_graph", "fused_rows", "main"]
 
 aten = torch.ops.aten
 
@@ -90,6 +101,8 @@ MODES = {
     "runlora_roofline_merged": {"criterion": "roofline", "device_model": "H200", "allow_merged": True, **_UNGROUPED},
     "runlora_grouped": {},
     "runlora_grouped_merged": {"allow_merged": True},
+    # what a CUDA user gets from backend="runlora" (options' CUDA defaults; the counter runs on a CPU)
+    "cuda_default": {"criterion": options.default_criterion("cuda"), "device_model": "H200"},
 }
 DEFAULT_MODES = ["frozen_inductor", "peft_inductor", "runlora", "runlora_merged", "runlora_roofline_merged"]
 # H200, bf16, TinyLlama shape, 11 layers, B=8 S=1024, r=16 (BENCHMARKS.md), fastest first;
@@ -417,6 +430,70 @@ COLUMNS = [
 ]
 
 
+# --- the fused plan, analytically ------------------------------------------------------------
+FUSED_PAIRS = [("forward1", "backward1"), ("forward2", "backward5"), ("fused", "fused")]
+
+
+def layer_sites(args: argparse.Namespace) -> dict:
+    """{site: (in, out)} of one Llama decoder layer with the counter's sizes."""
+    h, inter = args.hidden, args.intermediate
+    kv = args.kv_heads * (h // args.heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
+            "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def fused_rows(args: argparse.Namespace, counted: Sequence[dict] = ()) -> list:
+    """Per plan pair: bytes and launches LoRA adds to one layer (every site needs dX, dA, dB), analytic.
+
+    A site costs its plans' roofline kernels (``forward_kernels`` + ``backward_kernels``, X·Aᵀ kept
+    where ``keeps_lora_product`` keeps it) minus the frozen layer's Y = X·Wᵀ and dX = dY·W.
+    ``counted``: this run's rows; with frozen_inductor and peft_inductor among them, each pair's
+    ratio to what peft + inductor adds per layer (counted from its compiled graphs).
+    """
+    dtype = common.DTYPES[args.dtype]
+    layout = Layout(dtype=dtype)
+    n = args.batch * args.seq
+    rows = []
+    for fwd, bwd in FUSED_PAIRS:
+        total_bytes = total_kernels = 0
+        per_site = {}
+        for name, (i_, o_) in layer_sites(args).items():
+            subs = {sym_n: n, sym_i: i_, sym_o: o_, sym_r: args.rank, sym_has_bias: 0, **layout.element_sizes()}
+            keep = keeps_lora_product(fwd, bwd, Needs(), n, i_, args.rank, dtype=dtype).keep
+            kernels = forward_kernels(fwd, layout) + backward_kernels(bwd, Needs(), layout, keeps_lora_product=keep)
+            frozen = [KERNELS["Y0 = X·Wᵀ + b"], KERNELS["dX = G·W"]]
+            added = sum(int(k.bytes.xreplace(subs)) for k in kernels) - sum(int(k.bytes.xreplace(subs)) for k in frozen)
+            per_site[name] = added
+            total_bytes += added
+            total_kernels += len(kernels) - len(frozen)
+        rows.append({"pair": f"{fwd}/{bwd}", "lora_bytes": total_bytes, "lora_kernels": total_kernels,
+                     "q_proj_bytes": per_site["q_proj"]})
+    by_mode = {r["mode"]: r for r in counted}
+    peft = by_mode.get("peft_inductor") if "frozen_inductor" in by_mode else None
+    layers = max(args.layers, 1)  # the counted rows are per step: every layer's sites
+    peft_bytes, peft_kernels = (None, None) if peft is None else (peft["lora_bytes"] / layers,
+                                                                  peft["lora_kernels"] / layers)
+    for row in rows:
+        row["lora_mib"] = row["lora_bytes"] / 2**20
+        row["q_proj_mib"] = row["q_proj_bytes"] / 2**20
+        row["vs_peft_bytes"] = None if peft is None else row["lora_bytes"] / peft_bytes
+        row["vs_peft_kernels"] = None if peft is None else row["lora_kernels"] / peft_kernels
+    if peft is not None:
+        rows.append({"pair": "peft + inductor (counted)", "lora_bytes": peft_bytes, "lora_mib": peft_bytes / 2**20,
+                     "lora_kernels": peft_kernels, "q_proj_mib": None, "vs_peft_bytes": 1.0, "vs_peft_kernels": 1.0})
+    return rows
+
+
+FUSED_COLUMNS = [
+    common.Column("pair", "plan pair (per layer, analytic)"),
+    common.Column("lora_mib", "LoRA +MiB", "{:.1f}"),
+    common.Column("lora_kernels", "LoRA +kernels", "{:g}"),
+    common.Column("q_proj_mib", "q_proj +MiB", "{:.1f}"),
+    common.Column("vs_peft_bytes", "÷ peft+inductor bytes", "{:.3f}"),
+    common.Column("vs_peft_kernels", "÷ peft+inductor kernels", "{:.3f}"),
+]
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of: {','.join(MODES)}")
@@ -433,10 +510,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--merged-forward-cse", action="store_true",
                         help="reproduce the lowering before merged dX was recomputed (BENCHMARKS.md, "
                              "'Merged plans: memory'): backward4/5 form W + sBA as the forward does")
+    parser.add_argument("--fused", action="store_true",
+                        help="also print the analytic per-layer table of forward1/backward1, forward2/backward5 and "
+                             "the fused pair, beside peft + inductor when counted")
     parser.add_argument("--json", help="write rows and environment here")
     parser.add_argument("--md", help="write the markdown table here")
     args = parser.parse_args(argv)
-    args.modes = args.modes.split(",")
+    args.modes = [m for m in args.modes.split(",") if m]
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; known: {list(MODES)}")
@@ -459,6 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
              f"B={args.batch} S={args.seq} r={args.rank} {args.dtype}")
     command = ["benchmarks/bench_traffic.py"] + list(sys.argv[1:] if argv is None else argv)
     rows = []
+    table = check = ""
     for mode in args.modes:
         rows.append(count_mode(mode, args))
         print(f"# {mode}: {rows[-1]['kernels']} kernels", file=sys.stderr, flush=True)
@@ -467,9 +548,36 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         _, check = ranking_check(rows)
         common.write_outputs(rows=rows, env=env, argv=command, table=table + "\n\n" + check,
                              json_path=args.json, md_path=args.md, title=title)
+    if args.fused:
+        fused = fused_rows(args, rows)
+        text = common.markdown_table(fused, FUSED_COLUMNS)
+        best = next(r for r in fused if r["pair"] == "fused/fused")
+        line = (f"fused pair: +{best['lora_mib']:.1f} MiB and +{best['lora_kernels']} kernels per layer"
+                + ("" if best["vs_peft_bytes"] is None else
+                   f", {best['vs_peft_bytes']:.3f}x the bytes and {best['vs_peft_kernels']:.3f}x the kernels "
+                   "peft + inductor adds"))
+        table, check = "\n\n".join(t for t in (table, text) if t), "\n".join(c for c in (check, line) if c)
+        common.write_outputs(rows=rows + fused, env=env, argv=command, table=table + "\n\n" + check,
+                             json_path=args.json, md_path=args.md, title=title)
     print(table)
     print(check)
+    line = cuda_default_line(rows, args.dtype)
+    if line:
+        print(line)
     return rows
+
+
+def cuda_default_line(rows: Sequence[dict], dtype: str) -> Optional[str]:
+    """What LoRA adds under the CUDA default (cuda_default) beside peft + inductor, when both were counted."""
+    by = {r["mode"]: r for r in rows}
+    ours, peft = by.get("cuda_default"), by.get("peft_inductor")
+    if ours is None or peft is None or ours["lora_bytes"] is None:
+        return None
+    merged = "allowed" if options.default_allow_merged(common.DTYPES[dtype]) else "off"
+    return (f"CUDA default (criterion={options.default_criterion('cuda')}, merged plans {merged} in {dtype}): "
+            f"LoRA adds +{ours['lora_kernels']} kernels, +{ours['lora_bytes'] / 2**30:.3f} GiB; peft + inductor "
+            f"+{peft['lora_kernels']} kernels, +{peft['lora_bytes'] / 2**30:.3f} GiB "
+            f"({ours['lora_kernels'] / peft['lora_kernels']:.2f}x kernels, {ours['lora_bytes'] / peft['lora_bytes']:.2f}x bytes)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     runlora_fx.tune(model, *example_inputs)             # time plans ahead for criterion="time"
     with runlora_fx.install(): torch.compile(model)     # the pass inside plain inductor compiles
 
-The package reads as the pipeline a graph travels (README, "Layout"): front doors here
+The package reads as the pipeline a graph travels (docs/design.md, "Layout"): front doors here
 (``backend``, ``export``, ``explain``, ``tuning``, ``cli``) -> ``passes/`` (dialects, match,
 rewrite, lower) -> ``choose/`` (FLOPs, roofline, measured time) -> ``ops/`` (the torch.library
 contract) -> ``plans/`` (the catalogue); ``inspection/`` reads what happened, ``options``

@@ -6,7 +6,8 @@ import torch
 
 __all__ = ["TORCH_MIN", "TORCH_MAX_EXCLUSIVE", "check_torch_version", "custom_graph_pass_base", "detect_fake_mode",
            "dynamo_graph_break_reasons", "eager_backward_compile", "ensure_compile_start_callbacks", "in_optimized_module",
-           "inductor_config_patches", "innermost_backend", "install_ddp_presplit_hook", "on_compile_start", "size_hint", "torch_version"]
+           "inductor_config_patches", "innermost_backend", "install_ddp_presplit_hook", "on_compile_start",
+           "wrap_inductor_compile_fx", "size_hint", "torch_version"]
 
 # Tested on 2.11 (GPU machine) and 2.13 (CPU CI). torch.library.custom_op with
 # register_autograd / register_fake and ExportedProgram.run_decompositions() as used here
@@ -131,6 +132,21 @@ def eager_backward_compile(enabled: bool = True):
     if not enabled or not hasattr(config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return config.patch(force_non_lazy_backward_lowering=True)
+
+
+def wrap_inductor_compile_fx(make_wrapper):
+    """Replaces ``torch._inductor.compile_fx.compile_fx`` (private; inductor's entry points,
+    ``backend="inductor"`` and ``torch.compile(mode=/options=)``'s wrapper, import it at each call)
+    by ``make_wrapper(original)``; returns a function that puts the original back."""
+    import torch._inductor.compile_fx as module
+
+    original = module.compile_fx
+    module.compile_fx = make_wrapper(original)
+
+    def restore():
+        module.compile_fx = original
+
+    return restore
 
 
 def install_ddp_presplit_hook() -> bool:

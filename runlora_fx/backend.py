@@ -27,7 +27,7 @@ import torch
 from ._compat import (eager_backward_compile, ensure_compile_start_callbacks, inductor_config_patches,
                       install_ddp_presplit_hook)
 from .choose.measure import tuner_for
-from .install import LowerRunLoRAOps, rewrite_and_report, with_pre_grad_pass
+from .install import LowerRunLoRAOps, note_fallback, rewrite_and_report, with_pre_grad_pass
 from .options import INNER_COMPILERS, LOWERINGS, RewriteOptions, default_lowering
 from .passes import dora as _dora, upstream as _upstream  # noqa: F401  register their compile-start fixes
 from .passes.lower import lower_runlora_ops
@@ -113,11 +113,7 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
         try:
             return _compile(gm, example_inputs, patches, rewritten=True)
         except Exception as error:  # noqa: BLE001 - the safety net: compile the graph as it came
-            report.fallback = f"{type(error).__name__}: {_first_line(error)}"
-            warnings.warn(f"runlora: compiling {report.graph} with its {report.rewritten} rewritten site(s) failed "
-                          f"(first: {report.sites[0].path}): {report.fallback}; compiling it without the rewrite",
-                          stacklevel=2)
-            log.warning("runlora: %s compiled without the rewrite", report.graph, exc_info=True)
+            note_fallback([report], error)
             return _compile(original, example_inputs, patches, rewritten=False)
 
     def _compile(gm, example_inputs, patches, *, rewritten: bool):
@@ -177,11 +173,6 @@ runlora_backend.runlora_presplit = _default_presplit
 install_ddp_presplit_hook()
 
 _cut_warned: set = set()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else repr(error)
 
 
 def _warn_cut_sites(gm: torch.fx.GraphModule) -> None:

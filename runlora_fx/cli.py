@@ -19,16 +19,16 @@ __all__ = ["build_parser", "main"]
 _PROG = "runlora-fx"
 
 _EPILOG = """\
-examples:
-  runlora-fx explain model.pt2                        report the LoRA sites of a torch.export.save file
-  runlora-fx explain model.pt2 --write fast.pt2       ... and save the rewritten program
+examples, one per command:
+  runlora-fx explain model.pt2 --write fast.pt2       report the LoRA sites of a torch.export.save file
+                                                      and save the rewritten program
   runlora-fx explain mypkg.models:make_model --json   dry run on the model a factory returns
   runlora-fx regions --in 4096 --out 11008 -o regions.png
                                                       which plan pair wins for a 4096->11008 layer
   runlora-fx calibrate --device cuda --json gpu.json  measure matmul rate, bandwidth and per-kernel cost;
                                                       use with criterion="roofline", device_model="gpu.json"
 
-Run 'runlora-fx COMMAND --help' for a command's options.
+Run 'runlora-fx COMMAND --help' for a command's options and more examples.
 """
 
 _EXPLAIN_DESCRIPTION = """\
@@ -76,8 +76,35 @@ GRID is a comma list (64,256,1024) or a doubling range (64..131072 = 64, 128, ..
 """
 
 
+_CALIBRATE_DESCRIPTION = """\
+Measure the constants criterion="roofline" uses (matmul rate per dtype, copy bandwidth,
+per-kernel cost) on this machine's device; print them, or write them as JSON for
+device_model="FILE.json".
+"""
+
+_CALIBRATE_EPILOG = """\
+examples:
+  runlora-fx calibrate                                       this machine's GPU if it has one, else the CPU
+  runlora-fx calibrate --device cuda:1 --dtypes bfloat16 --json gpu1.json
+
+Then: runlora_fx.make_backend(criterion="roofline", device_model="gpu1.json").
+"""
+
+
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps each command's help on the line of its name.
+
+    argparse sizes the help column from the options' names without the extra indent it gives
+    subcommands, so a name as long as ``calibrate`` would push its help to the next line.
+    """
+
+    def __init__(self, prog):
+        super().__init__(prog)
+        self._action_max_length = max(self._action_max_length, len("    calibrate"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,27 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="RunLoRA's cheapest LoRA chains as a torch.fx / torch.export pass: "
                     "explain what it rewrites, plot where each plan wins.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG, formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
 
     explain = commands.add_parser(
-        "explain", help="report (and optionally apply) the rewrite of a .pt2 program or a model factory",
+        "explain", help="report (or apply) the rewrite of a .pt2 file or a model factory",
         description=_EXPLAIN_DESCRIPTION, epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("target", metavar="TARGET", help="FILE.pt2 or MODULE:FACTORY (see above)")
     explain.add_argument("--write", metavar="OUT.pt2",
                          help="save the rewritten program here (FILE.pt2 targets only)")
     explain.add_argument("--json", action="store_true",
-                         help="print the report as JSON (schema in runlora_fx/report.py)")
+                         help="print the report as JSON (schema in runlora_fx/inspection/report.py)")
     explain.add_argument("--allow-merged", action="store_const", const=True, default=None,
                          help="use merged plans (W + sBA) in bf16/fp16 too; by default only for fp32/fp64 weights")
     explain.add_argument("-v", "--verbose", action="store_true", help="log what the pass does (INFO)")
     explain.set_defaults(run=_run_explain)
 
     regions = commands.add_parser(
-        "regions", help="plot which plan pair wins by FLOPs over tokens x rank for one layer shape",
+        "regions", help="plot which plan pair wins by FLOPs over tokens x rank",
         description=_REGIONS_DESCRIPTION, epilog=_REGIONS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     regions.add_argument("--in", dest="in_features", type=_positive_int, required=True, metavar="N",
@@ -127,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     regions.set_defaults(run=_run_regions)
 
     calibrate = commands.add_parser(
-        "calibrate", help="measure this device's roofline constants (matmul rate, bandwidth, per-kernel cost)",
-        description="Measures the constants criterion='roofline' uses, on this machine's device, and prints them "
-                    "(or writes them as JSON for device_model='FILE.json').",
+        "calibrate", help="measure this device's roofline constants",
+        description=_CALIBRATE_DESCRIPTION,
+        epilog=_CALIBRATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     calibrate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                            help="cuda, cuda:1 or cpu (default: cuda if available)")
@@ -153,10 +180,16 @@ def _run_calibrate(args) -> int:
 
     from .choose.roofline import calibrate, device_model_for
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]
-    if unknown:
-        raise CliError(f"calibrate: unknown dtypes {unknown}; expected names such as bfloat16, float32")
+    if unknown or not dtypes:
+        raise CliError(f"--dtypes: expected torch dtype names such as bfloat16,float32, got {args.dtypes!r}")
     try:
         measured = calibrate(args.device, dtypes)
     except RuntimeError as exc:

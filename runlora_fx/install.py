@@ -28,16 +28,19 @@ bypasses.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import pathlib
 import threading
+import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ._compat import custom_graph_pass_base, ensure_compile_start_callbacks
+from ._compat import (custom_graph_pass_base, eager_backward_compile, ensure_compile_start_callbacks,
+                      wrap_inductor_compile_fx)
 from ._version import __version__
 from .choose.measure import tuner_for
 from .inspection.coverage import note_report
@@ -47,8 +50,8 @@ from .passes.lower import lower_runlora_ops
 from .passes import dora as _dora, upstream as _upstream  # noqa: F401  register their compile-start fixes
 from .passes.rewrite import rewrite
 
-__all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "rewrite_and_report", "source_fingerprint", "uninstall",
-           "with_pre_grad_pass"]
+__all__ = ["LowerRunLoRAOps", "RunLoRAPass", "install", "note_fallback", "rewrite_and_report", "source_fingerprint",
+           "uninstall", "with_pre_grad_pass"]
 
 log = logging.getLogger("runlora_fx.install")
 
@@ -56,6 +59,8 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent
 _FINGERPRINT: list = []
 _INSTALLED: list = []  # [(pass, previous value of pre_grad_custom_pass)], innermost last
 _LOCK = threading.Lock()
+_RESTORE_COMPILE_FX: list = []  # puts inductor's compile_fx back when the last pass is uninstalled
+_OUTERMOST = threading.local()  # compile_fx calls itself: only the outermost call falls back
 
 
 def source_fingerprint() -> str:
@@ -172,6 +177,53 @@ def rewrite_and_report(gm: torch.fx.GraphModule, options: RewriteOptions, report
     return report
 
 
+def note_fallback(reports: list, error: BaseException) -> None:
+    """The safety net's record: every report of the failed graph gets ``fallback``, and one
+    warning names the graph, its first rewritten site and the error."""
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else repr(error)}"
+    for report in reports:
+        report.fallback = reason
+    first = reports[0]
+    warnings.warn(f"runlora: compiling {first.graph} with its {sum(r.rewritten for r in reports)} rewritten site(s) "
+                  f"failed (first: {first.sites[0].path}): {reason}; compiling it without the rewrite", stacklevel=3)
+    log.warning("runlora: %s compiled without the rewrite", first.graph, exc_info=error)
+
+
+def _compile_fx_with_fallback(original):
+    """inductor's ``compile_fx`` while a ``RunLoRAPass`` is installed: if compiling a graph the
+    pass rewrote fails (the lowered chain's tracing, AOTAutograd, inductor, the backward
+    included), the graph is compiled again as Dynamo gave it, without the pass."""
+
+    def compile_fx(model_, example_inputs_, *args, **kwargs):
+        passes = [p for p, _ in _INSTALLED]
+        if getattr(_OUTERMOST, "active", False) or not passes or not isinstance(model_, torch.fx.GraphModule):
+            return original(model_, example_inputs_, *args, **kwargs)
+        snapshot = copy.deepcopy(model_)
+        seen = {id(p): len(p.reports) for p in passes}
+        _OUTERMOST.active = True
+        try:
+            with eager_backward_compile():  # a backward that fails to compile fails here, not mid-step
+                return original(model_, example_inputs_, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the safety net; a failure without the rewrite is raised
+            rewritten = [r for p in passes for r in p.reports[seen[id(p)]:] if r.rewritten]
+            if not rewritten:
+                raise
+            note_fallback(rewritten, error)
+            from torch._inductor import config
+
+            current = config.pre_grad_custom_pass
+            others = [q for q in (current if isinstance(current, (list, tuple)) else [current])
+                      if q is not None and not isinstance(q, RunLoRAPass)]
+            with config.patch(pre_grad_custom_pass=(others if len(others) > 1 else others[0] if others else None)):
+                return original(snapshot, example_inputs_, *args, **kwargs)
+        finally:
+            _OUTERMOST.active = False
+
+    compile_fx.runlora_fallback = True
+    return compile_fx
+
+
 def with_pre_grad_pass(current, new_pass):
     """``pre_grad_custom_pass`` value with ``new_pass`` run after the passes in ``current``."""
     if not current:
@@ -186,6 +238,8 @@ def install(*, dump_dir: Optional[str] = None, on_report: Optional[Callable] = N
 
     Sets ``torch._inductor.config.pre_grad_custom_pass`` to a ``RunLoRAPass`` (after any pass
     already there). Also a context manager: ``with runlora_fx.install(): ...`` uninstalls on exit.
+    While installed, a graph the pass rewrote that then fails to compile is compiled again
+    without the pass, with one warning; its reports' ``fallback`` says why.
 
     Args:
         dump_dir: write each graph before/after the pass and its report there (also env
@@ -205,6 +259,8 @@ def install(*, dump_dir: Optional[str] = None, on_report: Optional[Callable] = N
         previous = config.pre_grad_custom_pass
         config.pre_grad_custom_pass = with_pre_grad_pass(previous, new_pass)
         _INSTALLED.append((new_pass, previous))
+        if not _RESTORE_COMPILE_FX:
+            _RESTORE_COMPILE_FX.append(wrap_inductor_compile_fx(_compile_fx_with_fallback))
     log.info("runlora: installed as inductor's pre_grad_custom_pass (%s)", new_pass.options.key())
     return new_pass
 
@@ -224,4 +280,6 @@ def _pop() -> RunLoRAPass:
 
     removed, previous = _INSTALLED.pop()
     config.pre_grad_custom_pass = previous
+    if not _INSTALLED and _RESTORE_COMPILE_FX:
+        _RESTORE_COMPILE_FX.pop()()
     return removed

@@ -25,8 +25,10 @@ __all__ = [
     "RewriteOptions",
     "check_criterion",
     "default_allow_merged",
+    "default_criterion",
     "default_lowering",
     "default_rewrite_4bit",
+    "precision_policy",
 ]
 
 CRITERIA = ("flops", "roofline", "time")
@@ -46,12 +48,37 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
     """Merged plans (W + sBA) are the default only where W's dtype keeps small deltas.
 
     In bf16/fp16 an update sBA under half an ulp of W's element rounds away entirely; see
-    the README's numerics sections. On real text (``examples/bf16_text_study.py``: byte-level
+    docs/numerics.md. On real text (``examples/bf16_text_study.py``: byte-level
     Llama on Python source, 3 seeds) merged plans came within 0.86-1.02x bf16 eager's distance
     from fp32: inside the noise of unmerged bf16 paths (0.95-1.17x), but not at most 1.00x on
     every seed, the bar set for changing this default. Pass ``allow_merged=True`` to use them.
     """
     return dtype not in _LOW_PRECISION
+
+
+def precision_policy(dtype: torch.dtype, allow_merged: Optional[bool]) -> Optional[str]:
+    """What decided whether merged plans are candidates for a site in ``dtype``, in words (reports
+    show it); None outside bf16/fp16, where merged plans are always allowed by default."""
+    if dtype not in _LOW_PRECISION:
+        return None
+    name = str(dtype).replace("torch.", "")
+    if allow_merged is not None:
+        return f"precision: merged plans {'allowed' if allow_merged else 'off'} in {name} by allow_merged={allow_merged}"
+    state = "allowed" if default_allow_merged(dtype) else "off"
+    return (f"precision: merged plans {state} in {name} by default (options.default_allow_merged; "
+            f"docs/numerics.md, Precision rule)")
+
+
+def default_criterion(device) -> str:
+    """The criterion ``criterion=None`` resolves to on ``device``: "flops" everywhere.
+
+    The roofline would become the CUDA default only together with merged plans in bf16/fp16
+    (it ranks bytes, and merged plans are where it parts from FLOPs on the H200 TinyLlama
+    step); the precision rule that would allow those was not met (docs/numerics.md, "Precision
+    rule"), so the CUDA default stays "flops". ``benchmarks/bench_traffic.py``'s cuda_default
+    mode counts whatever this returns.
+    """
+    return "flops"
 
 
 def default_rewrite_4bit(device) -> bool:

@@ -137,3 +137,29 @@ def test_profile_step_writes_a_table_per_mode(tmp_path):
     for mode in ("peft_eager", "runlora"):
         assert f"## llama_tiny {mode}" in text
     assert text.count("aten::mm") >= 2  # the heaviest ops are listed for both modes
+
+
+def test_gpu_suite_new_steps_dry_run_on_cpu(tmp_path):
+    """``DEVICE=cpu QUICK=1`` of gpu_suite.sh's reduce-overhead step (the only new step that is
+    not a plain bench_model.py call, which the tests above cover) and its collect step: one
+    table printed, one suite.json written, the per-step JSON files merged away.
+
+    The whole suite is a few minutes on 2 CPU cores (every step imports torch, transformers and
+    peft anew), too slow for CI; ``STEPS`` picks the subset."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", STEPS="reduce_overhead", OUT=str(tmp_path),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(BENCH_DIR / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.json", "suite.log", "summary.md"]
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    rows = suite["reduce_overhead"]["rows"]
+    assert [r["mode"] for r in rows] == ["peft_inductor", "runlora", "runlora_roofline"]
+    assert all(r["compile_mode"] == "reduce-overhead" and r["cudagraph_skips"] == 0 and r["ms"] > 0 for r in rows)
+    assert rows[1]["sites"] == 7
+    table = [line for line in done.stdout.splitlines() if line.startswith("| reduce_overhead |")]
+    assert len(table) == 3, done.stdout
+    assert "| reduce_overhead | 0 |" in (tmp_path / "summary.md").read_text()

@@ -144,7 +144,29 @@ def test_help_lists_commands(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
 
     assert proc.returncode == 0, proc.stderr
-    assert "explain" in proc.stdout and "regions" in proc.stdout
+    lines = proc.stdout.splitlines()
+    for command in ("explain", "regions", "calibrate"):
+        listed = [line for line in lines if line.split()[:1] == [command]]
+        assert len(listed) == 1 and len(listed[0].split()) > 3, f"{command}: no one-line description in\n{proc.stdout}"
+        assert any(line.strip().startswith(f"runlora-fx {command} ") for line in lines), f"{command}: no example"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["regions", "--in", "4096", "--out", "11k"], "argument --out: expected a positive integer, got '11k'"),
+    (["regions", "--in", "4096", "--out", "11008", "--ranks", "64,8"], "expected increasing values, got '64,8'"),
+    (["calibrate", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["calibrate", "--device", "cpu", "--dtypes", "bf16"],
+     "expected torch dtype names such as bfloat16,float32, got 'bf16'"),
+    (["frobnicate"], "invalid choice: 'frobnicate' (choose from"),
+])
+def test_bad_argument_names_expected_and_got(capsys, argv, message):
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        status = exc.code
+
+    assert status == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target, message", [

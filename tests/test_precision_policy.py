@@ -1,4 +1,4 @@
-"""The precision policy for merged plans (README "Precision policy"; examples/bf16_text_study.py).
+"""The precision policy for merged plans (docs/numerics.md, "Precision policy"; examples/bf16_text_study.py).
 
 Merged plans (forward2, backward4/5) form W + sBA in W's dtype, so by default they are used
 for fp32/fp64 weights only; ``allow_merged=True`` turns them on in bf16/fp16. The shape below
@@ -66,3 +66,38 @@ def test_low_precision_allow_merged_runs_merged_plans(dtype):
 
 def test_fp32_default_runs_merged_plans():
     assert _compile_and_compare(torch.float32, 1e-5) == {("forward2", "backward5")}
+
+
+def _site_notes(dtype, **backend_kwargs):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LoraLinear().to(dtype)
+    backend = runlora_fx.make_backend(inner="aot_eager", **backend_kwargs)
+    torch.compile(model, backend=backend)(torch.randn(8, 32, 32, dtype=dtype, requires_grad=True)).sum().backward()
+    return [(s.criterion, s.criterion_note) for s in backend.reports[0].sites]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_report_names_the_precision_policy_that_decided(dtype):
+    state = "allowed" if default_allow_merged(dtype) else "off"
+    [(criterion, note)] = _site_notes(dtype)
+    assert criterion == "flops" and note.startswith(f"precision: merged plans {state} in {str(dtype)[6:]} by default")
+    [(_, note)] = _site_notes(dtype, allow_merged=True)
+    assert note == f"precision: merged plans allowed in {str(dtype)[6:]} by allow_merged=True"
+
+
+def test_fp32_report_has_no_precision_note():
+    assert _site_notes(torch.float32) == [("flops", None)]
+
+
+def test_default_follows_the_precision_rule_verdict():
+    """docs/precision_rule.json (examples/bf16_text_study.py's grid) decides the bf16/fp16 default."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "precision_rule.json"
+    data = json.loads(path.read_text())
+    assert set(data["meta"]["dtypes"]) == {"bf16", "fp16"} and len(data["meta"]["lrs"]) == 3
+    assert data["verdict"]["runs"] == 3 * data["meta"]["seeds"] * 2
+    verdict = data["verdict"]["merged_default"]
+    assert [default_allow_merged(d) for d in (torch.bfloat16, torch.float16)] == [verdict, verdict]

@@ -72,3 +72,28 @@ def test_a_graph_that_fails_without_the_rewrite_too_raises(monkeypatch):
     compiled = torch.compile(_model(), backend=runlora_fx.make_backend(inner="aot_eager"))
     with pytest.raises(Exception, match="fails on every graph"):
         compiled(torch.randn(3, 5, 16))
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_install_injected_failure_trains_like_plain_inductor_and_warns_once(monkeypatch, phase):
+    """install(): the pass runs inside inductor's compile; a failure after it falls back too."""
+    monkeypatch.setattr(lower._LoweredLoRA, phase, staticmethod(_injected))
+    model, plain_model = _model(), _model()
+    x = torch.randn(3, 5, 16)
+    want = [_step(torch.compile(plain_model), x) for _ in range(2)]
+    torch._dynamo.reset()
+    with runlora_fx.install() as pass_, torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model)
+        got = [_step(compiled, x) for _ in range(2)]
+    ours = [w for w in caught if "compiling it without the rewrite" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    (report,) = pass_.reports
+    assert report.rewritten == 2 and "injected failure" in report.fallback
+    for (loss, grads), (loss_want, grads_want) in zip(got, want):
+        torch.testing.assert_close(loss, loss_want, rtol=1e-5, atol=1e-6)
+        for g, h in zip(grads, grads_want):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+    import torch._inductor.compile_fx as compile_fx_module
+    assert not getattr(compile_fx_module.compile_fx, "runlora_fallback", False)  # uninstalled: put back

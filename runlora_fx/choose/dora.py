@@ -66,7 +66,7 @@ def choose_dora(facts: SiteFacts, options: RewriteOptions, *, forced_norm: Optio
         DoraChoice. Ties go to the earlier forward plan and to ``norm_lowrank`` (listed
         first), which keeps no o×i temporary.
     """
-    base = choose_for(facts, options)
+    base = choose_for(dataclasses.replace(facts, allow_fused=False), options)  # DoRA's ops run ATen chains only
     sizes = {i: facts.i, o: facts.o, r: facts.r}
     n_value = (facts.n_hint or 1) if sympy.sympify(facts.n).free_symbols else int(facts.n)
     forwards = [options.forward_plan] if options.forward_plan else list(base.forward_costs)

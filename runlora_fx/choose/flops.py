@@ -61,7 +61,7 @@ def applicable_plans(*, separate_lora_input: bool = False, mixed_dtype: bool = F
     """Names of (forward, backward) plans that are legal for a site.
 
     Merged plans form W + sBA, so they need X_l = X (no dropout between) and one dtype for
-    X, W, A and B; ``allow_merged=False`` drops them by policy (low precision, see README).
+    X, W, A and B; ``allow_merged=False`` drops them by policy (low precision, see docs/numerics.md).
     """
     merged_ok = allow_merged and not separate_lora_input and not mixed_dtype
     fwd = [p.name for p in FORWARD_PLANS.values() if merged_ok or not p.merged]

@@ -23,7 +23,8 @@ from typing import Optional
 import sympy
 import torch
 
-from ..plans import CHAIN_RECORDS, BACKWARD_PLANS, FORWARD_PLANS, Needs, e_a, e_x, i, n, r
+from ..plans import CHAIN_RECORDS, Needs, e_a, e_x, i, n, r
+from ..plans import backward_plan as _backward_plan, forward_plan as _forward_plan
 
 __all__ = ["MAX_MEMORY_FRACTION", "LoraProductChoice", "keeps_lora_product", "price_lora_product"]
 
@@ -67,9 +68,9 @@ def keeps_lora_product(forward_plan: str, backward_plan: str, needs: Needs, n_: 
         dtype, adapter_dtype: x's and the LoRA branch's dtypes.
         policy: None (the memory rule), True (keep wherever forward1 forms it), False (never).
     """
-    if FORWARD_PLANS[forward_plan].merged:
+    if _forward_plan(forward_plan).merged:  # by name: the fused plans too (they form X·Aᵀ as forward1 does)
         return LoraProductChoice(False, f"{forward_plan} forms W + sBA, not X·Aᵀ")
-    if not needs.lora_B or BACKWARD_PLANS[backward_plan].db != "xa":
+    if not needs.lora_B or _backward_plan(backward_plan).db != "xa":
         return LoraProductChoice(False, f"{backward_plan} does not read X·Aᵀ for dB")
     if policy is False:
         return LoraProductChoice(False, "recomputed (save_lora_product=False)")

@@ -11,7 +11,15 @@ k+1), so load drifting on a shared machine falls on all of them alike.
 Results are cached in memory (per process) and on disk, one JSON file::
 
     {"schema": 1, "entries": {"<key>": {"times_s": {"forward2/backward5": 0.0123, ...},
-                                        "measured_at": "<iso date>", "warmup": 2, "repeats": 5}}}
+                                        "measured_at": "<iso date>", "warmup": 2, "repeats": 5,
+                                        "kernel_configs": {...}}}}
+
+Where the fused pair (Triton kernels, ``ops/fused.py``) is a candidate, the key names the
+kernels' source hash (``TuneKey.kernels``: an edited kernel is measured again), the kernels'
+block shapes are tuned for the key's sizes before its pairs are timed (``fused.tune_site``, at
+compile time, never inside CUDA-graph capture), and the shapes chosen are stored with the
+times (``kernel_configs``) and loaded again on a hit, so the cached times are those of the
+configuration that runs.
 
 in ``$RUNLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/runlora_fx``, else ``~/.cache/runlora_fx``.
 A hit measures nothing. A corrupt file, or one of another schema, is ignored with a warning
@@ -34,6 +42,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -46,6 +55,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .. import ops  # noqa: F401  registers torch.ops.runlora.lora_linear, which is timed
+from ..ops import fused
 from ..options import RewriteOptions
 from ..plans import Needs
 
@@ -137,6 +147,8 @@ class TuneKey:
         separate_lora_input: the LoRA branch reads its own input (dropout).
         bias: the base layer has a bias.
         torch_device: where to measure ("cuda:0", "cpu"); not part of the key.
+        kernels: ``"fused <source hash>"`` where the fused kernels can run on the device, else
+            None (and absent from the key string).
     """
 
     device: str
@@ -151,19 +163,22 @@ class TuneKey:
     separate_lora_input: bool
     bias: bool
     torch_device: str = dataclasses.field(default="cpu", compare=False)
+    kernels: Optional[str] = None
 
     @classmethod
     def for_site(cls, *, device, dtype: torch.dtype, adapter_dtype: Optional[torch.dtype], n: int, i: int, o: int,
-                 r: int, needs: Needs, separate_lora_input: bool, bias: bool) -> "TuneKey":
+                 r: int, needs: Needs, separate_lora_input: bool, bias: bool,
+                 kernels: Optional[str] = None) -> "TuneKey":
         return cls(device_name(device), torch.__version__, _dtype_name(dtype), _dtype_name(adapter_dtype),
                    int(n), int(i), int(o), int(r), (bool(needs.x), bool(needs.lora_A), bool(needs.lora_B)),
-                   bool(separate_lora_input), bool(bias), str(torch.device(device)))
+                   bool(separate_lora_input), bool(bias), str(torch.device(device)), kernels)
 
     def __str__(self) -> str:
         needs = "".join(name for name, on in zip(("x", "A", "B"), self.needs) if on) or "none"
         return (f"{self.device}|torch {self.torch}|{self.dtype}|adapter {self.adapter_dtype}|"
                 f"n={self.n} i={self.i} o={self.o} r={self.r}|grads {needs}|"
-                f"separate_input={int(self.separate_lora_input)}|bias={int(self.bias)}")
+                f"separate_input={int(self.separate_lora_input)}|bias={int(self.bias)}"
+                + (f"|kernels {self.kernels}" if self.kernels else ""))
 
     @property
     def label(self) -> str:
@@ -454,17 +469,20 @@ class Autotuner:
         """
         table = self.cached(key, pairs)
         if table is not None:
+            fused.remember_configs(self._memory()[str(key)].get("kernel_configs"))
             self._record(key, table, "cache")
             return table
         if self.budget_spent:
             self._skip(key, f"time budget of {self.time_budget_s:g} s spent")
             return None
-        known = dict((self._memory().get(str(key)) or {}).get("times_s", {}))
+        old = self._memory().get(str(key)) or {}
+        known = dict(old.get("times_s", {}))
+        configs = dict(old.get("kernel_configs") or {})
         start = time.perf_counter()
         try:
             missing = [p for p in pairs if p not in known]
             if self.timer is None:
-                known.update(measure_pairs(key, missing, warmup=self._warmup(key), repeats=self._repeats(key)))
+                known.update(self._measure_pairs(key, missing, configs))
             else:
                 for pair in missing:
                     known[pair] = float(self.timer(key, *pair.split("/")))
@@ -478,6 +496,8 @@ class Autotuner:
         self.spent_s += time.perf_counter() - start
         entry = {"times_s": known, "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "warmup": self._warmup(key), "repeats": self._repeats(key)}
+        if configs:
+            entry["kernel_configs"] = configs
         self._store(str(key), entry)
         table = {p: known[p] for p in pairs}
         self._record(key, table, "measured")
@@ -499,6 +519,23 @@ class Autotuner:
             progress.close()
         if todo:
             log.info("runlora: timed %d key(s), %d pair(s), %.1f s", len(todo), self.measurements, self.spent_s)
+
+    def _measure_pairs(self, key: TuneKey, pairs: Sequence[str], configs: dict) -> dict:
+        """The default timing, the fused pair's kernels tuned first; where they fail (a compile
+        error on this device, say) the ATen pairs are timed alone and the fused pair is recorded
+        as infinitely slow, so it is never chosen and not retried for this kernel source."""
+        kw = dict(warmup=self._warmup(key), repeats=self._repeats(key))
+        kernel_pairs = [p for p in pairs if "fused" in p.split("/")]
+        if not kernel_pairs:
+            return measure_pairs(key, pairs, **kw)
+        try:
+            configs.update(_tune_fused(key))
+            return measure_pairs(key, pairs, **kw)
+        except Exception as exc:  # noqa: BLE001 - the ATen pairs are still worth timing
+            warnings.warn(f"runlora: the fused kernels failed at {key.label} ({type(exc).__name__}: {exc}); "
+                          "timing the ATen pairs alone", stacklevel=3)
+            rest = [p for p in pairs if p not in kernel_pairs]
+            return {**(measure_pairs(key, rest, **kw) if rest else {}), **{p: math.inf for p in kernel_pairs}}
 
     def _warmup(self, key: TuneKey) -> int:
         return self.warmup if self.warmup is not None else 2
@@ -532,6 +569,14 @@ class Autotuner:
 
     def _skip(self, key: TuneKey, reason: str) -> None:
         self.results[str(key)] = {"times_s": None, "best": None, "skipped": reason}
+
+
+def _tune_fused(key: TuneKey) -> dict:
+    """The fused kernels' block shapes tuned at ``key``'s sizes (``ops.fused.tune_site``)."""
+    dtype = getattr(torch, key.dtype)
+    adapter = getattr(torch, key.adapter_dtype) if key.adapter_dtype else None
+    return fused.tune_site(key.n, key.i, key.o, key.r, dtype=dtype, adapter_dtype=adapter, bias=key.bias,
+                           separate_lora_input=key.separate_lora_input, needs=key.needs, device=key.torch_device)
 
 
 def forget_memory(cache_dir: Optional[str] = None) -> None:

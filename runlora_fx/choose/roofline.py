@@ -38,6 +38,7 @@ import sympy
 import torch
 
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, BackwardPlan, Needs, PiecewisePlan, e_a, e_x, e_y, i, n, o, r
+from ..plans.catalogue import FUSED_BACKWARD_PLANS, FUSED_FORWARD_PLANS
 from .flops import applicable_plans
 from .measure import seconds_once
 
@@ -274,6 +275,17 @@ KERNELS: dict[str, Kernel] = dict([
     _k("dB = Gᵀ·sXA", 2 * o * n * r, (n * o + n * r + o * r) * e_a),
     _k("dB = s·Gᵀ·XA (kept)", 2 * o * n * r, (n * o + n * r + o * r) * e_a),
     _k("dB = s·Tᵀ·Aᵀ", 2 * o * i * r, (i * o + i * r + o * r) * e_a),
+    # the fused plan (ops/fused.py): dY is read in its own dtype and cast inside the kernels
+    _k("Y = X·Wᵀ + b + s·XA·Bᵀ (fused)", 2 * n * i * o + 2 * n * r * o,
+       (n * i + o * i + has_bias * o) * e_x + (n * r + o * r) * e_a + n * o * e_y, "base"),
+    _k("Z, dB = G·B, s·Gᵀ·XA (fused)", 4 * n * o * r, n * o * e_y + (2 * n * r + o * r) * e_a + 2 * o * r * 4),
+    _k("Z = G·B (fused)", 2 * n * o * r, n * o * e_y + (n * r + o * r) * e_a),
+    _k("dB = s·Gᵀ·XA (fused)", 2 * n * o * r, n * o * e_y + n * r * e_a + 2 * o * r * 4),
+    _k("dB: zero fp32 buffer", 0, o * r * 4),
+    _k("dB = cast(dB)", 0, o * r * (4 + e_a)),
+    _k("dX = G·W + s·Z·A (fused)", 2 * n * o * i + 2 * n * r * i,
+       n * o * e_y + (o * i + n * i) * e_x + (n * r + r * i) * e_a, "base"),
+    _k("XA = X_l·Aᵀ (recomputed)", 2 * n * i * r, (n * i + r * i + n * r) * e_a),
 ])
 
 
@@ -308,7 +320,10 @@ class Layout:
 
 
 def forward_kernels(plan: str, layout: Layout = Layout()) -> list[Kernel]:
-    """The kernels of a forward plan, in order (see ``plans._forward1`` / ``_forward2``)."""
+    """The kernels of a forward plan, in order (see ``plans._forward1`` / ``_forward2`` / ``_forward_fused``)."""
+    if plan in FUSED_FORWARD_PLANS:
+        names = ["X_l = cast(X)"] if layout.lora_dtype != layout.dtype else []
+        return [KERNELS[k] for k in names + ["XA = X_l·Aᵀ", "Y = X·Wᵀ + b + s·XA·Bᵀ (fused)"]]
     if FORWARD_PLANS[plan].merged:
         names = ["W' = W + s·B·A", "Y = X·W'ᵀ + b"]
     else:
@@ -326,6 +341,8 @@ def backward_kernels(plan: str, needs: Needs = Needs(), layout: Layout = Layout(
 
     ``keeps_lora_product``: X_l·Aᵀ comes from the forward (``CHAIN_RECORDS["keep_lora_product"]``).
     """
+    if plan in FUSED_BACKWARD_PLANS:
+        return _fused_backward_kernels(needs, layout, keeps_lora_product)
     p: BackwardPlan = BACKWARD_PLANS[plan]
     uses_z = (needs.x and p.dx == "split") or (needs.lora_A and p.da == "z")
     uses_t = (needs.lora_A and p.da == "t") or (needs.lora_B and p.db == "t")
@@ -354,6 +371,35 @@ def backward_kernels(plan: str, needs: Needs = Needs(), layout: Layout = Layout(
                       else ["sA", "sXA = X_l·(sA)ᵀ (recomputed)", "dB = Gᵀ·sXA"])
         else:
             names += ["dB = s·Tᵀ·Aᵀ"]
+    return [KERNELS[k] for k in names]
+
+
+def _fused_backward_kernels(needs: Needs, layout: Layout, keeps_lora_product: bool) -> list[Kernel]:
+    """The fused backward's kernels (``plans.catalogue._run_backward_fused``): K2, K3 and dA's mm.
+
+    dB's atomic reduction adds its fp32 buffer's zero fill and the cast to B's dtype (two tiny
+    launches); with a separate x_lora, dX = G·W and dX_l = s·Z·A are ATen calls as in backward1.
+    """
+    uses_z = needs.x or needs.lora_A
+    names = []
+    if needs.lora_A or (needs.lora_B and not keeps_lora_product):
+        names += ["X_l = cast(X)"] if layout.lora_dtype != layout.dtype else []
+    if needs.lora_B and not keeps_lora_product:
+        names += ["XA = X_l·Aᵀ (recomputed)"]
+    if needs.lora_B:
+        names += ["dB: zero fp32 buffer"]
+        names += ["Z, dB = G·B, s·Gᵀ·XA (fused)"] if uses_z else ["dB = s·Gᵀ·XA (fused)"]
+        names += ["dB = cast(dB)"]
+    elif uses_z:
+        names += ["Z = G·B (fused)"]
+    if needs.x:
+        if layout.separate_lora_input:
+            names += ["G_b = cast(G)"] if layout.out_dtype != layout.dtype else []
+            names += ["dX = G·W", "dX_l = sZ·A"] + (["dX_l = cast(dX_l)"] if layout.lora_dtype != layout.dtype else [])
+        else:
+            names += ["dX = G·W + s·Z·A (fused)"]
+    if needs.lora_A:
+        names += ["dA = s·Zᵀ·X_l"]
     return [KERNELS[k] for k in names]
 
 

@@ -37,7 +37,7 @@ from ..choose.lora_product import keeps_lora_product
 from ..choose.roofline import resolve_device_model
 from ..ops.group import GROUPABLE_BACKWARD, join_plans
 from ..options import RewriteOptions
-from ..plans import parse_plan
+from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan
 from .build import copy_provenance, erase_dead, value_key, weight_arg
 from .match import LoraSite
 from .nodes import meta_value
@@ -68,6 +68,10 @@ def can_group(site: LoraSite, choice) -> Optional[str]:
         return "computed under autocast: its operands are cast per site (match.py)"
     if site.base.weight.node.op == "call_module":
         return "its base is a call_module (symbolic_trace leaf)"
+    fused = [name for name in (*parse_plan(str(choice.forward)).names, *parse_plan(str(choice.backward)).names)
+             if name not in FORWARD_PLANS and name not in BACKWARD_PLANS]
+    if fused:
+        return f"plan {fused[0]!r} runs its own kernels per site (ops/fused.py): a group runs the ATen plans"
     shared = [name for name in parse_plan(str(choice.backward)).names if name not in GROUPABLE_BACKWARD]
     if shared:
         return f"backward plan {shared[0]!r} computes dA and dB through T = XᵀdY, per member: nothing to share"

@@ -39,6 +39,7 @@ from ..ops.group import run_group_backward, run_group_forward, split_plans
 from ..ops.quantized import nf4_parts
 from ..choose.lora_product import keeps_lora_product
 from ..plans import Needs, forward1_with_lora_product, resolve_plan, rows_as_output
+from ..plans.catalogue import fused_forward_with_lora_product
 from ..plans.dora import dora_backward_nd, dora_forward_nd
 from .subgraphs import region_bodies
 
@@ -117,7 +118,9 @@ class _LoweredLoRA(torch.autograd.Function):
         w = weight.materialize(parts, x.dtype, "forward")
         product = None
         if _keeps_product(ctx, x2, lora_A, adapter_dtype, plan.name, backward_plan, n_hint, save_lora_product):
-            y, product = forward1_with_lora_product(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
+            # forward1's chain, or the fused plan's Triton GEMM (both form X_l·Aᵀ first)
+            with_product = fused_forward_with_lora_product if plan.fused else forward1_with_lora_product
+            y, product = with_product(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         else:
             y = plan.run(x2, w, bias, lora_A, lora_B, scaling, xl2, adapter_dtype)
         ctx.save_for_backward(x, lora_A, lora_B, x_lora, product, *parts)

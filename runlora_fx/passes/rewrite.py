@@ -42,6 +42,7 @@ from ..choose import SiteFacts, choose_for, time_request
 from ..choose.lora_product import keeps_lora_product
 from ..choose.measure import tuner_for
 from ..inspection.report import RewriteReport, SiteReport, cost_entry
+from ..ops import fused
 from ..options import RewriteOptions
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan, resolve_plan
 from .group import find_groups, rewrite_groups
@@ -289,8 +290,15 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
 
 
 def _rejects_forced_plan(site: LoraSite, forced: list, rejected: list) -> bool:
-    """A forced merged plan (W + sBA) is illegal where x_lora is separate or dtypes mix:
-    the site is left alone and reported, as for any other legality rule."""
+    """A forced merged plan (W + sBA) is illegal where x_lora is separate or dtypes mix, and a
+    forced ``fused`` plan where its kernels cannot run the site (``ops/fused.py``): the site is
+    left alone and reported, as for any other legality rule."""
+    if any("fused" in parse_plan(spec).names for spec, _ in forced):
+        why = fused.unavailable_reason(getattr(meta_value(site.x), "device", "cpu"), site.dtype, site.adapter_dtype,
+                                       site.r)
+        if why is not None:
+            rejected.append(Rejection(site.path, site.add.name, f"forced plan 'fused' cannot run here: {why}"))
+            return True
     if not (site.separate_lora_input or site.mixed_dtype):
         return False
     for spec, kind in forced:

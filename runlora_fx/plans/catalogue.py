@@ -35,6 +35,20 @@ sizes e_x, e_a, e_y):
     keep_lora_product     X_l·Aᵀ (n×r) kept from forward1 for dB = s·dYᵀ·(X_l·Aᵀ) instead of
                           recomputed from X_l (n×i): a priced choice (``choose/lora_product.py``);
                           the lowered chain takes it, the opaque op always recomputes
+
+``FUSED_FORWARD_PLANS`` / ``FUSED_BACKWARD_PLANS`` hold ``fused``, the LoRAFusion-style pair that
+runs this project's Triton kernels (``ops/fused.py``) instead of ATen calls::
+
+    forward   S = X_l·Aᵀ (torch.mm, n×r); Y = X·Wᵀ + b + s·S·Bᵀ in one GEMM (K1)
+    backward  Z, dB = dY·B, s·dYᵀ·S in one pass over dY (K2); dX = dY·W + s·Z·A in one GEMM (K3);
+              dA = s·Zᵀ·X_l (torch.mm). With x_lora separate (dropout) dX and dX_l are returned
+              apart: dX = dY·W and dX_l = s·Z·A by torch.mm, K1 and K2 as above.
+
+Its FLOPs are forward1's and backward1's; what it saves is bytes and launches (each kernel's,
+with the other plans', in ``choose/roofline.py``'s ``KERNELS``). It runs only on
+CUDA, so it is kept apart from the paper's plans, which every device runs: the FLOPs and
+roofline criteria never rank it, and ``criterion="time"`` chooses it only where it measured
+faster than the best ATen pair (``choose/select.py``). Looked up by name like the others.
 """
 
 from __future__ import annotations
@@ -54,6 +68,9 @@ __all__ = [
     "Needs",
     "FORWARD_PLANS",
     "BACKWARD_PLANS",
+    "FUSED_FORWARD_PLANS",
+    "FUSED_BACKWARD_PLANS",
+    "fused_forward_with_lora_product",
     "forward_plan",
     "backward_plan",
     "merged_weight_for_backward",
@@ -95,6 +112,7 @@ class ForwardPlan:
         flops_expr: FLOPs as a sympy expression in n, i, o, r.
         run: the implementation on 2-D tensors (x, W, b, A, B, s, x_lora_or_None, adapter_dtype).
         dominated: never cheapest when r(i+o) < i·o.
+        fused: runs the Triton kernels of ``ops/fused.py`` (CUDA only, chosen only by time).
     """
 
     name: str
@@ -103,6 +121,7 @@ class ForwardPlan:
     flops_expr: sympy.Expr
     run: Callable[..., torch.Tensor]
     dominated: bool = False
+    fused: bool = False
 
     def flops(self, n_=n, i_=i, o_=o, r_=r) -> sympy.Expr:
         """FLOPs at the given sizes (ints or sympy expressions)."""
@@ -118,6 +137,7 @@ class BackwardPlan:
     da: str  # "z" | "t"
     db: str  # "xa" | "t"
     dominated: bool = False
+    fused: bool = False  # the Triton kernels of ops/fused.py run it (the module docstring)
 
     @property
     def merged(self) -> bool:
@@ -125,6 +145,8 @@ class BackwardPlan:
 
     @property
     def formula(self) -> str:
+        if self.fused:
+            return "Z, dB = dY·B, s·dYᵀ·(X·Aᵀ) in one pass over dY; dX = dY·W + s·Z·A in one GEMM; dA = s·Zᵀ·X"
         dx = "dX = dY·W + s·Z·A" if self.dx == "split" else "dX = dY·(W + s·B·A)"
         da = "dA = s·Zᵀ·X" if self.da == "z" else "dA = s·Bᵀ·Tᵀ"
         db = "dB = s·dYᵀ·(X·Aᵀ)" if self.db == "xa" else "dB = s·Tᵀ·Aᵀ"
@@ -137,7 +159,7 @@ class BackwardPlan:
         return _at_sizes(total, n_, i_, o_, r_)
 
     def run(self, *args, **kwargs):
-        return _run_backward(self, *args, **kwargs)
+        return (_run_backward_fused if self.fused else _run_backward)(self, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,18 +290,20 @@ BACKWARD_PLANS: dict[str, BackwardPlan] = {
 
 def forward_plan(name: str) -> ForwardPlan:
     """Looks a forward plan up by name, with an error that lists the known ones."""
-    try:
-        return FORWARD_PLANS[name]
-    except KeyError:
-        raise ValueError(f"unknown forward plan {name!r}; known: {sorted(FORWARD_PLANS)}") from None
+    plan = FORWARD_PLANS.get(name) or FUSED_FORWARD_PLANS.get(name)
+    if plan is None:
+        raise ValueError(f"unknown forward plan {name!r}; known: {sorted(FORWARD_PLANS)}, and "
+                         f"{sorted(FUSED_FORWARD_PLANS)} (Triton kernels, CUDA only)")
+    return plan
 
 
 def backward_plan(name: str) -> BackwardPlan:
     """Looks a backward plan up by name, with an error that lists the known ones."""
-    try:
-        return BACKWARD_PLANS[name]
-    except KeyError:
-        raise ValueError(f"unknown backward plan {name!r}; known: {sorted(BACKWARD_PLANS)}") from None
+    plan = BACKWARD_PLANS.get(name) or FUSED_BACKWARD_PLANS.get(name)
+    if plan is None:
+        raise ValueError(f"unknown backward plan {name!r}; known: {sorted(BACKWARD_PLANS)}, and "
+                         f"{sorted(FUSED_BACKWARD_PLANS)} (Triton kernels, CUDA only)")
+    return plan
 
 
 # --- backward implementation -------------------------------------------------------------
@@ -337,6 +361,80 @@ def _run_backward(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling
         else:
             grad_b = _scaled_mm(t.t(), lora_A.t(), scaling, lora_B)
     return grad_x, grad_xl, grad_a, grad_b
+
+
+# --- the fused plan (Triton kernels, ops/fused.py) -------------------------------------------
+def _fused_ops():
+    """torch.ops.runlora.mm_lowrank and lowrank_grads, which ``ops/fused.py`` registers when Triton imports."""
+    try:
+        return torch.ops.runlora.mm_lowrank, torch.ops.runlora.lowrank_grads
+    except AttributeError:
+        raise RuntimeError("runlora: plan 'fused' runs the Triton kernels of runlora_fx/ops/fused.py, which are not "
+                           "registered here (is Triton installed? `pip install triton`)") from None
+
+
+def fused_forward_with_lora_product(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
+    """(Y, S): the fused forward and the n×r S = X_l·Aᵀ it forms, for a chain that keeps S for dB.
+
+    S by torch.mm (cuBLAS), then one Triton GEMM (K1) starts each output tile from X·Wᵀ, adds
+    s·S·Bᵀ as one more K = r product and the bias, and writes the tile once. Output dtype as
+    forward1's: the base dtype promoted with the adapter dtype.
+    """
+    mm_lowrank, _ = _fused_ops()
+    lora_product = F.linear(_lora_input(x, x_lora, adapter_dtype), lora_A)
+    out_dtype = torch.promote_types(x.dtype, lora_product.dtype)
+    return mm_lowrank(x, weight.t(), bias, lora_product, lora_B.t(), scaling, out_dtype), lora_product
+
+
+def _forward_fused(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype):
+    """Y = X·Wᵀ + b + s·(X_l·Aᵀ)·Bᵀ, the LoRA term inside the base GEMM (see ``fused_forward_with_lora_product``)."""
+    return fused_forward_with_lora_product(x, weight, bias, lora_A, lora_B, scaling, x_lora, adapter_dtype)[0]
+
+
+def _run_backward_fused(plan: BackwardPlan, grad_y, x, weight, lora_A, lora_B, scaling, x_lora, adapter_dtype,
+                        needs: Needs, lora_product=None):
+    """The fused backward on 2-D tensors; the same contract as ``_run_backward``.
+
+    # Z, dB = dY·B, s·dYᵀ·S          one pass over dY (K2); S kept, or recomputed
+    # dX    = dY·W + s·Z·A            one GEMM (K3); dY cast to W's dtype tile by tile
+    # dA    = s·Zᵀ·X_l                torch.mm
+    With a separate x_lora, dX = dY·W and dX_l = s·Z·A are two results, so K3 has nothing to
+    fuse: both are torch.mm, as in backward1.
+    """
+    mm_lowrank, lowrank_grads = _fused_ops()
+    uses_z = needs.x or needs.lora_A
+    xl = _lora_input(x, x_lora, adapter_dtype) if needs.lora_A or (needs.lora_B and lora_product is None) else None
+    if needs.lora_B and lora_product is None:
+        # S recomputed as (A·X_lᵀ)ᵀ, a transposed view K2 reads as is: spelled apart from the
+        # forward's X_l·Aᵀ so a joint graph's CSE cannot fold the two (``keep_lora_product`` decides).
+        lora_product = torch.mm(lora_A, xl.t()).t()
+    z = grad_b = None
+    if uses_z or needs.lora_B:
+        z, grad_b = lowrank_grads(grad_y, lora_B, lora_product if needs.lora_B else None, scaling, uses_z,
+                                  needs.lora_B)
+    grad_x = grad_xl = grad_a = None
+    if needs.x:
+        if x_lora is not None:
+            g_base = grad_y if grad_y.dtype == weight.dtype else grad_y.to(weight.dtype)
+            grad_x = torch.mm(g_base, weight)
+            grad_xl = _scaled_mm(z, lora_A, scaling, lora_A[0]).to(x_lora.dtype)
+        else:
+            grad_x = mm_lowrank(grad_y, weight, None, z, lora_A, scaling, x.dtype)
+    if needs.lora_A:
+        grad_a = _scaled_mm(z.t(), xl, scaling, lora_A)
+    return grad_x, grad_xl, grad_a, grad_b if needs.lora_B else None
+
+
+FUSED_FORWARD_PLANS: dict[str, ForwardPlan] = {
+    "fused": ForwardPlan(
+        "fused", False, "S = X·A (mm); Y = X·W + s·S·B in one Triton GEMM",
+        2 * n * i * o + 2 * n * i * r + 2 * n * r * o, _forward_fused, fused=True),
+}
+
+FUSED_BACKWARD_PLANS: dict[str, BackwardPlan] = {
+    # backward1's matmuls (so its FLOPs): K2, K3, and torch.mm for dA (and for S when recomputed)
+    "fused": BackwardPlan("fused", "split", "z", "xa", fused=True),
+}
 
 
 # --- choices the bytes decide, beside the paper's plans ------------------------------------
