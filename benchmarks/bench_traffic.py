@@ -577,7 +577,8 @@ def cuda_default_line(rows: Sequence[dict], dtype: str) -> Optional[str]:
     return (f"CUDA default (criterion={options.default_criterion('cuda')}, merged plans {merged} in {dtype}): "
             f"LoRA adds +{ours['lora_kernels']} kernels, +{ours['lora_bytes'] / 2**30:.3f} GiB; peft + inductor "
             f"+{peft['lora_kernels']} kernels, +{peft['lora_bytes'] / 2**30:.3f} GiB "
-            f"({ours['lora_kernels'] / peft['lora_kernels']:.2f}x kernels, {ours['lora_bytes'] / peft['lora_bytes']:.2f}x bytes)")
+            f"({ours['lora_kernels'] / peft['lora_kernels']:.2f}x kernels, "
+            f"{ours['lora_bytes'] / peft['lora_bytes']:.2f}x bytes)")
 
 
 if __name__ == "__main__":

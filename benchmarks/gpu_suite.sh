@@ -292,7 +292,7 @@ else
              --modes "peft DoRA eager,peft DoRA + inductor,runlora DoRA,runlora LoRA")
 fi
 run_step bench_dora 150 "$PYTHON" benchmarks/bench_dora.py --device "$DEVICE" --dtype "$DTYPE" --inner "$INNER" \
-  "${DORA_ARGS[@]}" --md "$MD_DIR/3b_dora.md"
+  "${DORA_ARGS[@]}" --json "$JSON_DIR/dora.json" --md "$MD_DIR/3b_dora.md"
 
 # --- 5c. paper rows: RunLoRA's Llama configs, peft eager beside peft + inductor and runlora --
 if [ "$QUICK" = 1 ]; then
@@ -348,11 +348,15 @@ head = ["step", "model", "mode", "ms", "peak GiB", "x peft+inductor", "cudagraph
 lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 for step, data in suite.items():
     rows = data.get("rows") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows or "mode" not in rows[0] or "ms" not in rows[0]:
+    if not isinstance(rows, list) or not rows or "mode" not in rows[0]:
+        continue
+    for r in rows:
+        r.setdefault("ms", r.get("median_ms"))  # bench_dora.py's rows
+    if not all(isinstance(r.get("ms"), (int, float)) for r in rows):
         continue
     ref = {r.get("model"): r["ms"] for r in suite.get("tinyllama_defaults", {}).get("rows", [])
            if r.get("mode") == "peft_inductor"}
-    ref.update({r.get("model"): r["ms"] for r in rows if r.get("mode") == "peft_inductor"})
+    ref.update({r.get("model"): r["ms"] for r in rows if r.get("mode") in ("peft_inductor", "peft DoRA + inductor")})
     for r in rows:
         base = ref.get(r.get("model"))
         peak = r.get("peak_gib")

@@ -13,8 +13,9 @@ causal-LM head is its decoder alone, BERT's is its encoder with a causal mask); 
 share one causal-LM class (gpt2 and gpt-sw3) are kept once, under the class's own name.
 ``--only`` may still name a dropped entry ("causal-lm/bert").
 
-Each model runs in its own process (``--one``; ``--timeout`` seconds, one thread, inductor's
-caches off so every compile is cold and current, ``HF_HUB_OFFLINE=1``):
+Each model runs in its own process (``--one``; ``--timeout`` seconds, one thread,
+``HF_HUB_OFFLINE=1``; inductor's caches in a folder fresh for the sweep and shared by its
+processes, or TORCHINDUCTOR_CACHE_DIR when set):
 
 1. A tiny config: ``AutoConfig.for_model`` then every size-like attribute shrunk by name
    (``SIZE_RULES``; sub-configs too), dropout-like attributes 0, special token ids inside the
@@ -161,7 +162,7 @@ def list_entries() -> list:
 
 def _own_model_type(cls, model_types: Sequence[str]) -> str:
     """Of the model types sharing one head class, the one the class is named after, else the first."""
-    name = (cls if isinstance(cls, str) else cls[0]).lower()
+    name = re.sub(r"[-_]", "", cls if isinstance(cls, str) else cls[0]).lower()
     own = [t for t in model_types if name.startswith(re.sub(r"[-_]", "", t))]
     return max(own, key=len) if own else model_types[0]
 
@@ -374,13 +375,15 @@ def train_step(model, task: str, config) -> tuple:
 
 
 def rel_error(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
-    """max|a - b| / max(max|b|, 1e-6); inf when one is missing or the shapes differ."""
+    """max|a - b| / max(max|b|, 1e-6); inf when one is missing, the shapes differ or a NaN appears."""
     if a is None or b is None:
         return 0.0 if a is None and b is None else float("inf")
     if a.shape != b.shape:
         return float("inf")
-    scale = max(b.abs().max().item() if b.numel() else 0.0, 1e-6)
-    return (a - b).abs().max().item() / scale if a.numel() else 0.0
+    if not a.numel():
+        return 0.0
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+    return err if err == err else float("inf")
 
 
 def compare(got: tuple, want: tuple) -> tuple:
@@ -450,17 +453,41 @@ def decide(result: dict) -> tuple:
         if error:
             return "crash", error
         return "wrong", f"max rel err {err:.1e} at {result.get('where')}"
-    reached, rewritten = result.get("n_reached", 0), result.get("n_rewritten", 0)
+    not_linear = sum(k for kind, k in result.get("missed_kinds", {}).items() if kind in NOT_LINEAR)
+    reached, rewritten = result.get("n_reached", 0) - not_linear, result.get("n_rewritten", 0)
     if not reached:
-        return "n/a", "the step reaches no LoRA layer"
+        return "n/a", "the step reaches no linear LoRA layer" + (f" ({_not_linear_note(result)})" if not_linear else "")
     if rewritten >= reached:
-        return "full", ""
-    return ("partial" if rewritten else "none"), _missed_note(result)
+        return "full", "; ".join(filter(None, [_not_linear_note(result), _match_note(result)]))
+    return ("partial" if rewritten else "none"), "; ".join(
+        filter(None, [_missed_note(result), _not_linear_note(result), _match_note(result)]))
+
+
+# LoRA layers the pass does not match by design (``runlora_fx.inspection.coverage``: "not linear"):
+# peft's ParamWrapper (``target_parameters``; "all-linear" puts it on a fused MoE's 3-D experts and
+# router) adds s·B·A to the weight inside the base layer's own op, so there is no x·Aᵀ·Bᵀ chain.
+NOT_LINEAR = {"ParamWrapper": "peft LoRA on a parameter (fused MoE experts, router): s·B·A added to the weight"}
+
+
+def _not_linear_note(result: dict) -> str:
+    kinds = {kind: k for kind, k in result.get("missed_kinds", {}).items() if kind in NOT_LINEAR}
+    return "; ".join(f"{k} not linear ({kind}: {NOT_LINEAR[kind]})" for kind, k in kinds.items())
+
+
+def _match_note(result: dict) -> str:
+    """What may make the count uncertain: site paths covering several layers, or none."""
+    parts = []
+    if result.get("ambiguous"):
+        parts.append(f"{len(result['ambiguous'])} site paths each cover several layers (a graph reused)")
+    if result.get("unmatched"):
+        parts.append(f"{len(result['unmatched'])} site paths match no reached layer")
+    return "; ".join(parts)
 
 
 def _missed_note(result: dict) -> str:
     reasons = collections.Counter(result.get("missed_reasons", {}).values())
-    unexplained = len(result.get("missed", [])) - sum(reasons.values())
+    not_linear = sum(k for kind, k in result.get("missed_kinds", {}).items() if kind in NOT_LINEAR)
+    unexplained = len(result.get("missed", [])) - sum(reasons.values()) - not_linear
     parts = [f"{k}x {why}" for why, k in reasons.most_common(3)]
     if unexplained:
         kinds = ", ".join(f"{k}x {kind}" for kind, k in result.get("missed_kinds", {}).items())
@@ -480,6 +507,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     lines = [s for s in str(exc).splitlines() if s.strip()]
     text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def origin(exc: BaseException) -> str:
+    """Where an exception was raised (its root cause's innermost frame), as "package/file.py:line"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    path = re.sub(r"^.*/(site-packages|benchmarks)/", "", frame.filename)
+    return f"{path}:{frame.lineno}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +542,7 @@ def run_one(entry: str, json_path: Optional[str]) -> dict:
             os.replace(json_path + ".tmp", json_path)
 
     def fail(key: str, stage: str, exc: BaseException, prefix: str = "") -> None:
-        result[key] = prefix + first_line(exc)
+        result[key] = f"{prefix}{first_line(exc)} [{origin(exc)}]"
         result.setdefault("traceback", {})[stage] = traceback.format_exc().splitlines()[-25:]
 
     try:
@@ -544,6 +583,9 @@ def _run_stages(task: str, model_type: str, result: dict, save, fail) -> None:
         want = train_step(eager_model, task, config)
     except Exception as e:  # noqa: BLE001
         return fail("na", "eager", e, "eager step: ")
+    if not torch.isfinite(want[0]):
+        result["na"] = f"eager step: the loss is {want[0].item()}"
+        return None
     reached = list(dict.fromkeys(reached))
     result["n_reached"] = len(reached)
 
@@ -572,8 +614,13 @@ def _run_stages(task: str, model_type: str, result: dict, save, fail) -> None:
 
 
 def _record_coverage(result: dict, reached: list, reports: list) -> None:
-    sites = [s.path for r in reports for s in r.sites]
+    """Sites, rejections and graph breaks against the reached layers. A graph the backend's safety
+    net compiled without the rewrite (``report.fallback``) rewrote nothing: its sites count as
+    rejected, for the fallback's reason."""
+    fell_back = [r for r in reports if getattr(r, "fallback", None)]
+    sites = [s.path for r in reports if not getattr(r, "fallback", None) for s in r.sites]
     rejected = [(j.path, j.reason) for r in reports for j in r.rejected]
+    rejected += [(s.path, f"compiled without the rewrite: {r.fallback}") for r in fell_back for s in r.sites]
     match = match_sites(reached, sites)
     result.update({
         "graphs": len(reports),
@@ -586,6 +633,7 @@ def _record_coverage(result: dict, reached: list, reports: list) -> None:
         "ambiguous": match["ambiguous"],
         "unmatched": match["unmatched"],
         "rejected": sorted({f"{p}: {why}" for p, why in rejected}),
+        "fallbacks": sorted({r.fallback for r in fell_back}),
     })
 
 
@@ -593,22 +641,22 @@ def _record_coverage(result: dict, reached: list, reports: list) -> None:
 # The sweep (the parent process)
 
 
-def child_env() -> dict:
+def child_env(cache_dir: str) -> dict:
+    """One thread, no hub; inductor's caches in ``cache_dir`` unless TORCHINDUCTOR_CACHE_DIR is set."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                TORCHINDUCTOR_COMPILE_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # Cold, current compiles: a cached artifact could predate the runlora_fx being checked.
-    env.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
     return env
 
 
-def run_child(entry: str, timeout: float) -> dict:
+def run_child(entry: str, timeout: float, cache_dir: str) -> dict:
     """``--one entry`` in a new process (its own process group, killed whole on timeout)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zoo_") as tmp:
         out = os.path.join(tmp, "result.json")
         proc = subprocess.Popen([sys.executable, str(SCRIPT), "--one", entry, "--json", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=child_env(), start_new_session=True)
+                                env=child_env(cache_dir), start_new_session=True)
         try:
             _, stderr = proc.communicate(timeout=timeout)
             timed_out = False
@@ -629,10 +677,15 @@ def run_child(entry: str, timeout: float) -> dict:
 
 
 def run_all(entries: Sequence[str], *, jobs: int, timeout: float, on_result) -> list:
-    """Runs every entry, ``jobs`` processes at a time; calls ``on_result(results)`` after each."""
+    """Runs every entry, ``jobs`` processes at a time; calls ``on_result(results)`` after each.
+
+    The processes share one inductor cache, fresh for the sweep: kernels compiled for one model
+    serve the next (runlora_fx's passes key the caches on its source, so nothing is stale).
+    """
     results: dict = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_child, e, timeout): e for e in entries}
+    with tempfile.TemporaryDirectory(prefix="zoo_inductor_") as cache_dir, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_child, e, timeout, cache_dir): e for e in entries}
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             results[r["entry"]] = r
@@ -643,7 +696,11 @@ def run_all(entries: Sequence[str], *, jobs: int, timeout: float, on_result) -> 
 
 
 def _coverage(r: dict) -> str:
-    return f"{r['n_rewritten']}/{r['n_reached']}" if r.get("n_reached") is not None and "n_rewritten" in r else ""
+    """rewritten/reached linear LoRA layers, and the reached layers that are not linear."""
+    if r.get("n_reached") is None or "n_rewritten" not in r:
+        return ""
+    not_linear = sum(k for kind, k in r.get("missed_kinds", {}).items() if kind in NOT_LINEAR)
+    return f"{r['n_rewritten']}/{r['n_reached'] - not_linear}" + (f" (+{not_linear} not linear)" if not_linear else "")
 
 
 def markdown(results: Sequence[dict], env: dict, command: str) -> str:

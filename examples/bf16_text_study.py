@@ -160,6 +160,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--out", default="bf16_text_study", help="docs/<out>.json and docs/<out>.png")
@@ -170,14 +171,16 @@ def main():
     modes = ["fp32"] + [f"{d} {m}" for d in args.dtypes for m in ("eager", "merged", "default")]
     train_data, held_data = corpus()
     held = batches(held_data, 8, 12345)
-    meta = {"command": "python examples/bf16_text_study.py " + " ".join(
-                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in vars(args).items())
+    meta = {"command": f"python examples/bf16_text_study.py {flags}",
             "rule": RULE, "steps": args.steps, "batch": BATCH, "seq": SEQ, "lrs": args.lrs, "seeds": args.seeds,
             "dtypes": args.dtypes, "last": LAST, "probe_every": args.probe_every, "loss_scale": LOSS_SCALE,
             "torch": torch.__version__, "threads": args.threads}
     results, verdicts, out = {}, {}, DOCS / f"{args.out}.json"
     DOCS.mkdir(exist_ok=True)
-    for seed in range(args.seeds):  # seeds outer: a grid cut short still has every lr and dtype
+    # seeds outer: a grid cut short still has every lr and dtype
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for lr in args.lrs:
             key = f"{lr:g}/{seed}"
             base, train = build(seed), batches(train_data, args.steps, 1000 + seed)
@@ -190,7 +193,8 @@ def main():
                 f"{d} merged/max(eager, default) {v['ratio']:.2f}" for d, v in verdicts[key].items()) + "; " +
                 ", ".join(f"{m} {r['seconds']:.0f} s" for m, r in per.items()), flush=True)
             summary = summarize(verdicts)
-            out.write_text(json.dumps({"meta": meta, "verdict": summary, "per_run": verdicts, "runs": results}, indent=1))
+            out.write_text(json.dumps({"meta": meta, "verdict": summary, "per_run": verdicts, "runs": results},
+                                      indent=1))
     report(results, verdicts, args, summarize(verdicts))
     (plot_rule if (len(args.lrs) > 1 or args.dtypes != ["bf16"]) else plot)(results, DOCS / f"{args.out}.png")
 
@@ -199,7 +203,8 @@ def summarize(verdicts):
     flat = [(key, d, v) for key, per in verdicts.items() for d, v in per.items()]
     key, d, worst = max(flat, key=lambda t: t[2]["ratio"])
     return {"merged_default": all(v["pass"] for _, _, v in flat), "runs": len(flat),
-            "passed": sum(v["pass"] for _, _, v in flat), "worst_ratio": worst["ratio"], "worst_run": f"{d} lr/seed {key}"}
+            "passed": sum(v["pass"] for _, _, v in flat), "worst_ratio": worst["ratio"],
+            "worst_run": f"{d} lr/seed {key}"}
 
 
 def report(results, verdicts, args, summary):
@@ -236,7 +241,7 @@ def plot(results, path):
         return torch.nn.functional.avg_pool1d(t[None, None], k, 1, padding=k // 2, count_include_pad=False)[0, 0, :len(t)]
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    styles = dict(zip(MODES, [("-", "k"), ("--", "C0"), (":", "C3"), ("-.", "C2")]))
+    styles = dict(zip(next(iter(results.values())), [("-", "k"), ("--", "C0"), (":", "C3"), ("-.", "C2")]))
     for seed, per in results.items():
         ref = per["fp32"]["train_loss"]
         for mode, r in per.items():
@@ -272,7 +277,8 @@ def plot_rule(results, path):
             ax.plot([k + (j - 1) * 0.15 for k in range(len(keys))], [results[k][f"{d} {m}"]["distance"] for k in keys],
                     mk, color=c, label=f"{d} {m}")
         ax.set_xticks(range(len(keys)), keys, rotation=60, fontsize=7)
-        ax.set(yscale="log", xlabel="lr/seed", ylabel="mean |loss - fp32 loss|, last 50 steps", title=f"{d}: distance to fp32")
+        ax.set(yscale="log", xlabel="lr/seed", ylabel="mean |loss - fp32 loss|, last 50 steps",
+               title=f"{d}: distance to fp32")
     ax = axes[2]
     for d, style in zip(dtypes, ("-", "--")):
         for m, c in (("eager", "C0"), ("merged", "C3")):
@@ -280,7 +286,8 @@ def plot_rule(results, path):
                 lost = results[k][f"{d} eager"]["rounding_lost"]
                 ax.plot(lost["step"], [sum(x) / len(x) for x in lost[m]], style, color=c, lw=0.7, alpha=0.6,
                         label=f"{d} {m}" if k == keys[0] else None)
-    ax.set(yscale="log", xlabel="step", ylabel="share of the LoRA term rounded away", title="eager: in y; merged: in W + sBA")
+    ax.set(yscale="log", xlabel="step", ylabel="share of the LoRA term rounded away",
+           title="eager: in y; merged: in W + sBA")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

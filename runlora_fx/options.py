@@ -48,10 +48,11 @@ def default_allow_merged(dtype: torch.dtype) -> bool:
     """Merged plans (W + sBA) are the default only where W's dtype keeps small deltas.
 
     In bf16/fp16 an update sBA under half an ulp of W's element rounds away entirely; see
-    docs/numerics.md. On real text (``examples/bf16_text_study.py``: byte-level
-    Llama on Python source, 3 seeds) merged plans came within 0.86-1.02x bf16 eager's distance
-    from fp32: inside the noise of unmerged bf16 paths (0.95-1.17x), but not at most 1.00x on
-    every seed, the bar set for changing this default. Pass ``allow_merged=True`` to use them.
+    docs/numerics.md. The precision rule (docs/numerics.md, "Precision rule";
+    ``examples/bf16_text_study.py`` on Python source, 3 learning rates x 3 seeds x bf16/fp16,
+    docs/precision_rule.json) would turn them on if merged stayed within the farther unmerged
+    path's distance from fp32 on every run; it held on 13 of 18 runs, worst 1.28x (fp16, lr 3e-4,
+    seed 1; bf16 0.96-1.02x), so they stay off. Pass ``allow_merged=True`` to use them.
     """
     return dtype not in _LOW_PRECISION
 
@@ -63,7 +64,8 @@ def precision_policy(dtype: torch.dtype, allow_merged: Optional[bool]) -> Option
         return None
     name = str(dtype).replace("torch.", "")
     if allow_merged is not None:
-        return f"precision: merged plans {'allowed' if allow_merged else 'off'} in {name} by allow_merged={allow_merged}"
+        state = "allowed" if allow_merged else "off"
+        return f"precision: merged plans {state} in {name} by allow_merged={allow_merged}"
     state = "allowed" if default_allow_merged(dtype) else "off"
     return (f"precision: merged plans {state} in {name} by default (options.default_allow_merged; "
             f"docs/numerics.md, Precision rule)")

@@ -179,7 +179,7 @@ def test_the_checks_refuse_a_cpu_sync(monkeypatch):
             k = x.detach().abs().sum().int().item()  # a size read back to the host
             return x * torch.ones(k).sum()
 
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)  # .item() in the graph, not a break
-    backend, graphs = captured_graphs(Sync(), (torch.randn(4, 8, requires_grad=True),), monkeypatch)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):  # .item() in the graph, not a break
+        backend, graphs = captured_graphs(Sync(), (torch.randn(4, 8, requires_grad=True),), monkeypatch)
     reasons = [r for gm, ex, kw in graphs for r in cudagraph_refusals(gm, ex, kw["static_input_idxs"])]
     assert any("_local_scalar_dense" in r for r in reasons), reasons

@@ -53,7 +53,8 @@ def lora_layers(model: torch.nn.Module) -> dict:
 class LayerFate:
     """What happened to one LoRA layer.
 
-    ``status``: "rewritten", "rejected" (``reason`` says why), "ran eagerly" (``region``: the
+    ``status``: "rewritten", "rejected" (``reason`` says why), "not linear" (a LoRA the pass
+    does not match by design: ``reason`` says which), "ran eagerly" (``region``: the
     checkpointed layer it sits in, if any; ``graph_breaks``: what Dynamo recorded), or "not seen"
     (in no graph the pass saw and never run eagerly inside the compiled module: not reached,
     served from a warm cache, or split by a graph break inside the layer).
@@ -78,7 +79,8 @@ class Coverage:
 
     def summary(self) -> str:
         counts = collections.Counter(f.status for f in self.layers)
-        parts = [f"{counts[s]} {s}" for s in ("rewritten", "rejected", "ran eagerly", "not seen") if counts[s]]
+        parts = [f"{counts[s]} {s}" for s in ("rewritten", "rejected", "not linear", "ran eagerly", "not seen")
+                 if counts[s]]
         return f"runlora: {self.model}: {len(self.layers)} LoRA layers: " + (", ".join(parts) or "none")
 
     def __str__(self) -> str:
@@ -132,8 +134,11 @@ class ModelWatch:
         rewritten = [_full_path(root, s.path, self.layers) for root, r in self.reports for s in r.sites]
         rejected = [(_full_path(root, x.path, self.layers), x.reason) for root, r in self.reports for x in r.rejected]
         out = []
-        for path in self.layers:
-            if any(_inside(p, path) for p in rewritten):
+        for path, module in self.layers.items():
+            not_linear = _not_a_linear_lora(module)
+            if not_linear:
+                out.append(LayerFate(path, "not linear", reason=not_linear))
+            elif any(_inside(p, path) for p in rewritten):
                 out.append(LayerFate(path, "rewritten"))
             elif path in self.eager:
                 region, breaks = self.eager[path]
@@ -161,6 +166,19 @@ def _eager_hook(ref, path):
         return None
 
     return hook
+
+
+def _not_a_linear_lora(module: torch.nn.Module) -> Optional[str]:
+    """Why a LoRA layer is one the pass does not match by design, or None. peft's
+    ``ParamWrapper`` (``target_parameters``: LoRA on a weight tensor, such as a fused MoE's 3-D
+    experts) adds s·B·A to the weight inside the base layer's own op: there is no x·Aᵀ·Bᵀ chain.
+    peft's Embedding and Conv LoRA are not linear maps of x."""
+    name = type(module).__name__
+    if name == "ParamWrapper":
+        return "peft LoRA on a parameter (target_parameters, e.g. fused MoE experts): s·B·A is added to the weight"
+    if name in ("Embedding", "Conv1d", "Conv2d", "Conv3d", "ConvNd") and type(module).__module__.startswith("peft."):
+        return f"peft {name} LoRA: not a linear map of x"
+    return None
 
 
 def _full_path(root: Optional[str], site_path: str, layers: dict) -> str:

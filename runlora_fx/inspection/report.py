@@ -30,8 +30,9 @@ keys are unaffected):
   "fixed" (forced plans). It can differ from the graph's ``criterion`` (what was asked):
   with "time", a site that was not measured (time budget spent, measuring failed) reads
   "roofline".
-- ``sites[].criterion_note``: why, when the site's criterion is not the one asked for (or
-  null).
+- ``sites[].criterion_note``: why, when the site's criterion is not the one asked for; and, in
+  bf16/fp16 where merged plans were legal, the precision policy that decided whether they were
+  candidates ("precision: merged plans off in bfloat16 by default ..."); or null.
 - ``sites[].estimated_s``: the roofline's estimate, {"forward": {plan: seconds},
   "backward": {plan: seconds}, "device": name, "n": tokens}, when the roofline chose;
   else null.
@@ -203,7 +204,7 @@ class RewriteReport:
 
     def _rows(self):
         head = ["module", "n", "i", "o", "r", "dtype", "forward costs", "backward costs", "plan", "FLOPs saved", "act. saved"]
-        by = any(s.criterion not in ("flops", "fixed") for s in self.sites)
+        by = any(s.criterion not in ("flops", "fixed") or s.criterion_note for s in self.sites)
         if by:
             head.append("chosen by")
         grouped = any(s.group for s in self.sites)
