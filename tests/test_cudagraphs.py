@@ -19,28 +19,18 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._inductor import compile_fx as inductor_compile_fx
 from torch._inductor import cudagraph_utils
 from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
 import runlora_fx
 from test_dora import peft_dora_mlp
+from test_precision_policy import LoraLinear
 from test_group import Siblings, sibling_inputs
 
 SYNC_OPS = ("_local_scalar_dense", "item", "_assert_scalar", "nonzero", "sym_constrain_range")
 
 
-class LoraLinear(nn.Module):
-    def __init__(self, i=32, o=48, r=4, scale=2.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(o, i) / i**0.5, requires_grad=False)
-        self.lora_A = nn.Parameter(torch.randn(r, i) / i**0.5)
-        self.lora_B = nn.Parameter(torch.randn(o, r) * 0.05)
-        self.scale = scale
-
-    def forward(self, x):
-        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
 def _mutated_inputs(gm) -> set:
@@ -119,7 +109,7 @@ PAIRS = [(f, b) for f in ("forward1", "forward2") for b in ("backward1", "backwa
 @pytest.mark.parametrize("forward,backward", PAIRS, ids=[f"{f}-{b}" for f, b in PAIRS])
 def test_lowered_chain_of_each_plan_pair_is_cudagraph_safe(forward, backward, monkeypatch):
     torch.manual_seed(0)
-    backend, graphs = captured_graphs(LoraLinear(), (torch.randn(4, 64, 32, requires_grad=True),), monkeypatch,
+    backend, graphs = captured_graphs(LoraLinear(o=48), (torch.randn(4, 64, 32, requires_grad=True),), monkeypatch,
                                       forward_plan=forward, backward_plan=backward)
     assert backend.reports[0].plan_counts() == {f"{forward}/{backward}": 1}
     for gm, _, _ in graphs:  # the lowered chain, not the op
@@ -129,7 +119,7 @@ def test_lowered_chain_of_each_plan_pair_is_cudagraph_safe(forward, backward, mo
 
 def test_opaque_op_is_cudagraph_safe(monkeypatch):
     torch.manual_seed(0)
-    backend, graphs = captured_graphs(LoraLinear(), (torch.randn(4, 64, 32, requires_grad=True),), monkeypatch,
+    backend, graphs = captured_graphs(LoraLinear(o=48), (torch.randn(4, 64, 32, requires_grad=True),), monkeypatch,
                                       lowering="opaque", allow_merged=True)
     assert any("runlora" in str(n.target) for gm, _, _ in graphs for n in gm.graph.nodes)
     assert_cudagraph_safe(backend, graphs, sites=1)
