@@ -6,7 +6,8 @@ import torch
 
 __all__ = ["TORCH_MIN", "TORCH_MAX_EXCLUSIVE", "check_torch_version", "custom_graph_pass_base", "detect_fake_mode",
            "dynamo_graph_break_reasons", "eager_backward_compile", "ensure_compile_start_callbacks", "in_optimized_module",
-           "inductor_config_patches", "innermost_backend", "install_ddp_presplit_hook", "on_compile_start",
+           "inductor_config_patches", "innermost_backend", "install_ddp_presplit_hook", "is_dynamo_control_flow",
+           "on_compile_start",
            "wrap_inductor_compile_fx", "size_hint", "torch_version"]
 
 # Tested on 2.11 (GPU machine) and 2.13 (CPU CI). torch.library.custom_op with
@@ -147,6 +148,14 @@ def wrap_inductor_compile_fx(make_wrapper):
         module.compile_fx = original
 
     return restore
+
+
+def is_dynamo_control_flow(error: BaseException) -> bool:
+    """Whether ``error`` is Dynamo's own signal to its tracer (restart the analysis, skip the
+    frame), raised through a backend: it must pass through, never be taken for a failure."""
+    exc = torch._dynamo.exc
+    kinds = tuple(k for k in (getattr(exc, "RestartAnalysis", None), getattr(exc, "SkipFrame", None)) if k)
+    return isinstance(error, kinds)
 
 
 def install_ddp_presplit_hook() -> bool:

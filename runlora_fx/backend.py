@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from ._compat import (eager_backward_compile, ensure_compile_start_callbacks, inductor_config_patches,
-                      install_ddp_presplit_hook)
+                      install_ddp_presplit_hook, is_dynamo_control_flow)
 from .choose.measure import tuner_for
 from .install import LowerRunLoRAOps, note_fallback, rewrite_and_report, with_pre_grad_pass
 from .options import INNER_COMPILERS, LOWERINGS, RewriteOptions, default_lowering
@@ -113,6 +113,8 @@ def make_backend(*, inner: str = "inductor", lowering: Optional[str] = None, dum
         try:
             return _compile(gm, example_inputs, patches, rewritten=True)
         except Exception as error:  # noqa: BLE001 - the safety net: compile the graph as it came
+            if is_dynamo_control_flow(error):  # Dynamo restarting its analysis (dynamic shapes): not a failure
+                raise
             note_fallback([report], error)
             return _compile(original, example_inputs, patches, rewritten=False)
 

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from ._compat import (custom_graph_pass_base, eager_backward_compile, ensure_compile_start_callbacks,
-                      wrap_inductor_compile_fx)
+                      is_dynamo_control_flow, wrap_inductor_compile_fx)
 from ._version import __version__
 from .choose.measure import tuner_for
 from .inspection.coverage import note_report
@@ -207,7 +207,7 @@ def _compile_fx_with_fallback(original):
                 return original(model_, example_inputs_, *args, **kwargs)
         except Exception as error:  # noqa: BLE001 - the safety net; a failure without the rewrite is raised
             rewritten = [r for p in passes for r in p.reports[seen[id(p)]:] if r.rewritten]
-            if not rewritten:
+            if not rewritten or is_dynamo_control_flow(error):
                 raise
             note_fallback(rewritten, error)
             from torch._inductor import config

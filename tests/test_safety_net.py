@@ -97,3 +97,44 @@ def test_install_injected_failure_trains_like_plain_inductor_and_warns_once(monk
             torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
     import torch._inductor.compile_fx as compile_fx_module
     assert not getattr(compile_fx_module.compile_fx, "runlora_fallback", False)  # uninstalled: put back
+
+
+class _PeftProj(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        if x.dim() == 4:  # (2, heads, 12, head_dim): merged heads, a view whose head sizes go dynamic
+            x = x.permute(0, 2, 1, 3).reshape(2, 12, 64)
+        return self.proj(x)
+
+
+def _peft_proj():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(_PeftProj(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+
+
+def test_dynamo_restarting_its_analysis_passes_through_the_net():
+    """With dynamic=True Dynamo restarts its analysis from inside the backend
+    (TensorifyScalarRestartAnalysis): its signal, not a failure to fall back from."""
+    backend = runlora_fx.make_backend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(_peft_proj(), backend=backend, dynamic=True)(torch.randn(2, 12, 64, requires_grad=True)).sum() \
+            .backward()
+    assert not [w for w in caught if "without the rewrite" in str(w.message)]
+    assert all(r.fallback is None for r in backend.reports) and sum(r.rewritten for r in backend.reports) >= 1
+
+
+def test_symbolic_feature_sizes_are_priced_not_fallen_back_from():
+    """A LoRA input whose feature size is symbolic (merged heads, head sizes dynamic on the
+    second call): the lowered chain prices its X·Aᵀ at the size hints."""
+    backend = runlora_fx.make_backend()
+    compiled = torch.compile(_peft_proj(), backend=backend)
+    for heads in (4, 8):
+        compiled(torch.randn(2, heads, 12, 64 // heads, requires_grad=True)).sum().backward()
+    assert len(backend.reports) == 2
+    assert all(r.fallback is None and r.rewritten == 1 for r in backend.reports), [r.summary() for r in backend.reports]

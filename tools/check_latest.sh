@@ -4,14 +4,14 @@
 #     bash tools/check_latest.sh            # report what moved and what broke
 #     bash tools/check_latest.sh --write    # also move constraints.txt to what passed
 #
-# Builds a scratch venv (SCRATCH, default /tmp/runlora-latest) with torch==2.13.0 (the CPU
+# Builds a scratch venv (SCRATCH, default /tmp/drift-latest-venv) with torch==2.13.0 (the CPU
 # wheel CI uses) and the newest releases of everything else the ".[test]" extra pulls in,
 # prints every package whose version differs from constraints.txt, runs the suite
 # (PYTEST_ARGS, default -q) and prints its last lines. With --write and a green suite it
 # rewrites constraints.txt from that environment. Exit status: the suite's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SCRATCH=${SCRATCH:-/tmp/runlora-latest}
+SCRATCH=${SCRATCH:-/tmp/drift-latest-venv}
 WRITE=0
 [ "${1:-}" = "--write" ] && WRITE=1
 

@@ -97,7 +97,7 @@ def _keeps_product(ctx, x2, lora_A, adapter_dtype, forward_name, backward_plan, 
     need_x, _, need_a, need_b, need_xl = ctx.needs_input_grad[:5]
     needs = Needs(x=bool(need_x or need_xl), lora_A=bool(need_a), lora_B=bool(need_b))
     return keeps_lora_product(forward_name, resolve_plan(backward_plan, n_hint, "backward").name, needs, n_hint,
-                              x2.shape[1], lora_A.shape[0], dtype=x2.dtype, adapter_dtype=adapter_dtype,
+                              size_hint(x2.shape[1]), size_hint(lora_A.shape[0]), dtype=x2.dtype, adapter_dtype=adapter_dtype,
                               policy=policy).keep
 
 
