@@ -42,7 +42,7 @@ def lora_layers(model: torch.nn.Module) -> dict:
     """{module path: module} for every LoRA layer of ``model`` (outermost only)."""
     found = {}
     for path, module in model.named_modules():
-        if any(path.startswith(p + ".") for p in found if p) or (path == "" and found):
+        if any(p == "" or path.startswith(p + ".") for p in found):  # inside a LoRA layer already found
             continue
         if any(hasattr(module, a) and hasattr(module, b) for a, b in _ADAPTER_PAIRS):
             found[path] = module
