@@ -253,6 +253,47 @@ def test_gpt2_conv1d_addmm_base():
     assert_same_training(model, lm_inputs, lm_loss, expect_sites=8, steps=2)
 
 
+class MergedHeadsConv1DLoRA(nn.Module):
+    """openai-gpt's attention output: heads merged by ``view(contiguous(permute(h)), [b, s, h * d])``,
+    then a Conv1D base (``view(addmm(b, view(x, [-1, i]), W), [b, s, o])``) with a LoRA branch."""
+
+    def __init__(self, heads=4, head_dim=8, out=24, r=4):
+        super().__init__()
+        i = heads * head_dim
+        self.W = nn.Parameter(torch.randn(i, out) / i**0.5, requires_grad=False)  # Conv1D holds W.T
+        self.bias = nn.Parameter(torch.randn(out), requires_grad=False)
+        self.A = nn.Parameter(torch.randn(r, i) / i**0.5)
+        self.B = nn.Parameter(torch.randn(out, r) * 0.05)
+
+    def forward(self, h):
+        b, heads, s, d = h.shape
+        x = h.permute(0, 2, 1, 3).contiguous().view(b, s, heads * d)
+        base = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.W).view(b, s, -1)
+        return base + 2.0 * ((x @ self.A.T) @ self.B.T)
+
+
+def test_conv1d_base_on_merged_heads_reads_x_before_the_head_split():
+    """The input's rows are the merged tensor's, not the 4-D one's: the walk back through views
+    stops where the last dimension changes."""
+    assert_same_training(MergedHeadsConv1DLoRA(), lambda: torch.randn(2, 4, 5, 8, requires_grad=True), mse,
+                         expect_sites=1, steps=2)
+
+
+def test_openai_gpt_conv1d_every_site_rewritten():
+    from peft import LoraConfig, get_peft_model
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(0)
+    cfg = OpenAIGPTConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=32,
+                          attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    model = get_peft_model(OpenAIGPTLMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                                 fan_in_fan_out=True))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    assert_same_training(model, lm_inputs, lm_loss, expect_sites=8, steps=2)
+
+
 def test_bf16_adapters_relative_norm_error():
     model = peft_llama(dtype=torch.bfloat16, autocast_adapter_dtype=False)
     assert_same_training(model, lm_inputs, lm_loss, expect_sites=14, dtype_tol=2e-2, steps=2)

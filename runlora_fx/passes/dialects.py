@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from . import quantized
 from .nodes import (ADD_FNS, ADDMM_FNS, LINEAR_FNS, MATMUL_FNS, MUL_FNS, VIEW_FNS, LinearView, WeightRef, arg, aten,
-                    cast_dtype, is_call, is_tensor_value, meta_value, view_chain)
+                    cast_dtype, is_call, is_tensor_value, meta_value, rows_chain, view_chain)
 
 __all__ = [
     "LINEAR_DIALECTS",
@@ -147,7 +147,7 @@ def _read_addmm(node: fx.Node) -> Optional[LinearView]:
     ref = _weight_from(mat, graph_holds_transpose=True)
     if ref is None:
         return None
-    x, flatten_chain = view_chain(x2)
+    x, flatten_chain = rows_chain(x2)
     views = tuple(n for n in (x2, node) if isinstance(n, fx.Node) and is_call(n, VIEW_FNS, {"view", "reshape"}))
     nodes = (node, inner) if node is not inner else (node,)
     return LinearView(node, x, ref[0], inner.args[0] if is_addmm else None,

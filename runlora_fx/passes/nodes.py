@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "ADD_FNS",
@@ -35,6 +36,7 @@ __all__ = [
     "is_tensor_value",
     "is_view",
     "meta_value",
+    "rows_chain",
     "strip_flatten",
     "view_chain",
 ]
@@ -134,6 +136,32 @@ def view_chain(node: Any) -> tuple[Any, tuple]:
         chain.append(node)
         node = node.args[0]
     return node, tuple(chain)
+
+
+def rows_chain(node: Any) -> tuple[Any, tuple]:
+    """Follows back the views that only regroup rows: (source, the view nodes passed).
+
+    A linear's input is flattened to rows, ``view(x, [-1, i])``, and may be a view of a tensor
+    that was itself viewed to merge attention heads, ``view(permute(q), [b, s, h * d])``. The
+    walk stops where the last dimension changes: that tensor is not x, its rows are not x's rows.
+    """
+    chain = []
+    while is_view(node) and _same_size(_last_dim(node.args[0]), _last_dim(node)):
+        chain.append(node)
+        node = node.args[0]
+    return node, tuple(chain)
+
+
+def _last_dim(node: Any):
+    shape = getattr(meta_value(node), "shape", None)
+    return shape[-1] if shape is not None and len(shape) else None
+
+
+def _same_size(a, b) -> bool:
+    """True when two sizes are known equal without adding a guard."""
+    if a is None or b is None:
+        return False
+    return bool(statically_known_true(a == b))
 
 
 def strip_flatten(node: Any) -> Any:
