@@ -5,6 +5,7 @@
     python benchmarks/zoo.py --only llama,bert,seq2seq/t5           # or a comma list (model types or entries)
     python benchmarks/zoo.py --jobs 2 --json results/zoo.json --md docs/zoo.md   # every architecture
     python benchmarks/zoo.py --one causal-lm/llama --json /tmp/llama.json        # one model, this process
+    python benchmarks/zoo.py --merge a.json b.json --json docs/zoo.json --md docs/zoo.md  # sweeps run in parts
 
 The entries are the model types of the installed transformers' causal-LM, masked-LM, seq2seq and
 image-classification mappings, written "task/model_type". A model type in several mappings is
@@ -703,7 +704,29 @@ def _coverage(r: dict) -> str:
     return f"{r['n_rewritten']}/{r['n_reached'] - not_linear}" + (f" (+{not_linear} not linear)" if not_linear else "")
 
 
-def markdown(results: Sequence[dict], env: dict, command: str) -> str:
+def merge(paths: Sequence[str]) -> tuple:
+    """Sweeps run in parts, as one: (results in the mappings' order, env, command, entries not run).
+
+    A later file's row replaces an earlier one's for the same entry. The files must come from
+    one stack (torch, transformers, peft); the newest file's environment is kept.
+    """
+    sweeps = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    stack = {(s["env"]["torch"], s["env"]["transformers"], s["env"]["peft"]) for s in sweeps}
+    if len(stack) > 1:
+        raise SystemExit(f"--merge: the files come from different stacks (torch, transformers, peft): {sorted(stack)}")
+    rows: dict = {}
+    commands: list = []
+    for sweep in sweeps:
+        commands += sweep.get("commands", [sweep["command"]] if "command" in sweep else [])
+        rows.update((r["entry"], r) for r in sweep["results"])
+    order = list_entries()
+    rank = {e: k for k, e in enumerate(order)}
+    results = sorted(rows.values(), key=lambda r: (rank.get(r["entry"], len(order)), r["entry"]))
+    env = max((s["env"] for s in sweeps), key=lambda e: e["date"])
+    return results, env, " ; ".join(dict.fromkeys(commands)), [e for e in order if e not in rows]
+
+
+def markdown(results: Sequence[dict], env: dict, command: str, not_run: Sequence[str] = ()) -> str:
     """The zoo page: versions, command, counts per verdict, the headline, one row per model."""
     counts = collections.Counter(r["verdict"] for r in results)
     works = [r for r in results if r["verdict"] in ("full", "partial", "none", "wrong", "crash")]
@@ -728,12 +751,29 @@ def markdown(results: Sequence[dict], env: dict, command: str) -> str:
         common.markdown_table(rows, COLUMNS),
         "",
     ]
+    if not_run:
+        lines += ["## Not run", "",
+                  f"{len(not_run)} of the {len(results) + len(not_run)} entries of the installed transformers'"
+                  " mappings were not run: `python benchmarks/zoo.py --only ENTRY` runs any of them.", "",
+                  ", ".join(f"`{e}`" for e in not_run), ""]
     return "\n".join(lines)
 
 
 def _cell(text: Optional[str], limit: int = 200) -> str:
     text = " ".join((text or "").split()).replace("|", "\\|")
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def write_results(results: Sequence[dict], env: dict, command: str, not_run: Sequence[str], *,
+                  json_path: Optional[str], md_path: Optional[str]) -> None:
+    """The sweep's JSON (what ``--merge`` reads) and its markdown page, where asked for."""
+    if json_path:
+        pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(json_path).write_text(json.dumps(
+            {"command": command, "env": env, "results": list(results), "not_run": list(not_run)}, indent=1, default=str))
+    if md_path:
+        pathlib.Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(md_path).write_text(markdown(results, env, command, not_run))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -746,6 +786,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--md", help="write the markdown page here")
     parser.add_argument("--list", action="store_true", help="print the selected entries and exit")
     parser.add_argument("--one", metavar="TASK/MODEL_TYPE", help="run one entry in this process (as the sweep's child)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine earlier sweeps' --json files (a later file's row wins) into --json / --md")
     return parser.parse_args(argv)
 
 
@@ -757,6 +799,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True  # any RNG in the step draws as eager's does
         return [run_one(args.one, args.json)]
+    if args.merge:
+        results, env, command, not_run = merge(args.merge)
+        write_results(results, env, command, not_run, json_path=args.json, md_path=args.md)
+        return results
     entries = select(SAMPLE if args.sample else list_entries(), args.only)
     if args.list:
         print("\n".join(entries))
@@ -765,13 +811,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     command = "python " + " ".join(["benchmarks/zoo.py"] + list(sys.argv[1:] if argv is None else argv))
 
     def write(results: list) -> None:
-        if args.json:
-            pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            pathlib.Path(args.json).write_text(json.dumps({"command": command, "env": env, "results": results},
-                                                          indent=1, default=str))
-        if args.md:
-            pathlib.Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-            pathlib.Path(args.md).write_text(markdown(results, env, command))
+        write_results(results, env, command, (), json_path=args.json, md_path=args.md)
 
     results = run_all(entries, jobs=args.jobs, timeout=args.timeout, on_result=write)
     print(common.markdown_table([{**r, "coverage": _coverage(r), "note": _cell(r.get("note"), 120)}

@@ -188,6 +188,36 @@ def test_rel_error_is_relative_to_the_reference_max(zoo):
     assert zoo.rel_error(torch.tensor([float("nan"), 0.0]), want) == float("inf")
 
 
+def sweep_file(path, rows, *, date, transformers="5.25.0", command="python benchmarks/zoo.py"):
+    env = {"date": date, "torch": "2.13.0", "transformers": transformers, "peft": "0.21.2", "cpu": "x"}
+    path.write_text(json.dumps({"command": command, "env": env, "results": rows}))
+    return str(path)
+
+
+def test_merge_keeps_the_later_row_orders_by_mapping_and_lists_what_was_not_run(zoo, tmp_path):
+    row = lambda entry, verdict: {"entry": entry, "verdict": verdict}  # noqa: E731
+    first = sweep_file(tmp_path / "a.json", [row("masked-lm/bert", "full"), row("causal-lm/openai-gpt", "partial")],
+                       date="2026-12-01", command="sweep a")
+    second = sweep_file(tmp_path / "b.json", [row("causal-lm/openai-gpt", "full"), row("causal-lm/gpt2", "full")],
+                        date="2026-12-02", command="sweep b")
+
+    results, env, command, not_run = zoo.merge([first, second])
+
+    assert [(r["entry"], r["verdict"]) for r in results] == [
+        ("causal-lm/gpt2", "full"), ("causal-lm/openai-gpt", "full"), ("masked-lm/bert", "full")]
+    assert env["date"] == "2026-12-02" and command == "sweep a ; sweep b"
+    assert len(not_run) == len(zoo.list_entries()) - 3 and "causal-lm/llama" in not_run
+    page = zoo.markdown(results, env, command, not_run)
+    assert "full 3 (of 3)" in page and f"{len(not_run)} of the {len(not_run) + 3} entries" in page
+
+
+def test_merge_refuses_sweeps_of_different_stacks(zoo, tmp_path):
+    old = sweep_file(tmp_path / "a.json", [], date="2026-11-01", transformers="5.17.0")
+    new = sweep_file(tmp_path / "b.json", [], date="2026-12-01")
+    with pytest.raises(SystemExit, match="different stacks"):
+        zoo.merge([old, new])
+
+
 # ---------------------------------------------------------------------------------------------- the sweep
 
 def run_zoo(tmp_path, *args, timeout):
