@@ -175,6 +175,49 @@ def test_different_lora_inputs_are_not_grouped_and_say_why():
     assert "not grouped:" in str(report)
 
 
+class GradientlessSiblings(Siblings):
+    """Member 1 only picks member 0's features (``topk`` indices); member 2 runs under no_grad:
+    eagerly, both keep ``grad = None`` on their LoRA weights (DeepSeek-style sparse-attention indexers)."""
+
+    def forward(self, x, x2):
+        y0, y1 = [self.base[j](x) + self.scales[j] * self.lora_B[j](self.lora_A[j](x)) for j in (0, 1)]
+        with torch.no_grad():
+            y2 = self.base[2](x) + self.scales[2] * self.lora_B[2](self.lora_A[2](x))
+        picked = y0.gather(-1, y1.topk(4, dim=-1).indices)
+        other = self.other(x2) + 2.0 * self.other_B(self.other_A(x2))
+        return picked.mean(-1) + y2.mean(-1) + other.mean(-1)
+
+
+class SiblingsWrittenInPlace(Siblings):
+    """The members' outputs are written into one tensor (``out[..., :o] = y``), then read."""
+
+    def forward(self, x, x2):
+        outs = [base(x) + s * lb(la(x)) for base, la, lb, s in zip(self.base, self.lora_A, self.lora_B, self.scales)]
+        packed = x.new_zeros(*x.shape[:-1], sum(o.shape[-1] for o in outs))
+        start = 0
+        for o in outs:
+            packed[..., start:start + o.shape[-1]] = o
+            start += o.shape[-1]
+        return packed.pow(2).mean(-1) + (self.other(x2) + 2.0 * self.other_B(self.other_A(x2))).mean(-1)
+
+
+def test_siblings_that_get_no_gradient_stay_out_of_groups():
+    """Grouped, the backward run for member 0 would hand members 1 and 2 zero grads, which an
+    optimizer steps on; alone, their grads stay None, as eager's."""
+    backend = assert_same_training(GradientlessSiblings(), sibling_inputs, lambda m, xs: m(*xs).sum(), expect_sites=4,
+                                   steps=2, backend_kwargs={"inner": "aot_eager", "group_siblings": True})
+    report = backend.reports[0]
+    assert not report.groups(), str(report)
+    notes = {s.path: s.group_note for s in report.sites}
+    assert "carries no gradient" in notes["y1"] and "grad disabled" in notes["y2"], notes
+
+
+def test_siblings_written_in_place_into_one_tensor_still_group():
+    backend = assert_same_training(SiblingsWrittenInPlace(), sibling_inputs, lambda m, xs: m(*xs).sum(),
+                                   expect_sites=4, steps=2, backend_kwargs={"inner": "aot_eager"})
+    assert [len(label.split(", ")) for label in backend.reports[0].groups()] == [3], str(backend.reports[0])
+
+
 def test_sites_on_different_inputs_never_group():
     gm = capture_graph(Siblings(), *sibling_inputs())
     report = rewrite(gm, group_siblings=True)

@@ -40,7 +40,7 @@ from ..options import RewriteOptions
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan
 from .build import copy_provenance, erase_dead, value_key, weight_arg
 from .match import LoraSite
-from .nodes import meta_value
+from .nodes import is_tensor_value, meta_value
 
 __all__ = ["SiteGroup", "can_group", "can_join", "find_groups", "rewrite_groups"]
 
@@ -133,7 +133,9 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
     groups: list = []
     if options.group_siblings is False or len(sites) < 2:
         return groups
-    order = {node: k for graph in dict.fromkeys(s.add.graph for s in sites) for k, node in enumerate(graph.nodes)}
+    graphs = list(dict.fromkeys(s.add.graph for s in sites))
+    order = {node: k for graph in graphs for k, node in enumerate(graph.nodes)}
+    gradient_reaches = set().union(*(gradient_reaches_outputs(graph) for graph in graphs))
     by_x: dict = {}
     for j, site in enumerate(sites):
         by_x.setdefault(site.x, []).append(j)
@@ -142,7 +144,7 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
             continue
         pending = []
         for j in members:
-            why = can_group(sites[j], choices[j])
+            why = can_group(sites[j], choices[j]) or _gets_no_gradient(sites[j], gradient_reaches)
             if why is None:
                 pending.append(j)
             else:
@@ -173,6 +175,63 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
         for j, why in notes.items():
             reports[j].group_note = why
     return groups
+
+
+def _gets_no_gradient(site: LoraSite, gradient_reaches: set) -> Optional[str]:
+    """Why a site's LoRA grads stay None when run eagerly, or None. A group's backward runs for
+    its siblings and would hand it zeros, which an optimizer steps on (weight decay, momentum)."""
+    trains = any(_requires_grad(w.weight.node) for w in (site.lora.a, site.lora.b))
+    out = _requires_grad(site.add)
+    if trains and out is False:
+        return "computed with grad disabled (a no_grad region): its LoRA grads stay None, a group would give zeros"
+    if out is True and site.add not in gradient_reaches:
+        return ("its output carries no gradient to the graph's outputs (topk indices, a comparison, a detach): "
+                "its LoRA grads stay None, a group would give zeros")
+    return None
+
+
+def gradient_reaches_outputs(graph: fx.Graph) -> set:
+    """The nodes from which the graph's outputs are reached along values that require grad.
+
+    A site outside this set (it feeds only ``topk``'s indices, a comparison, a ``detach``) gets
+    no gradient when run eagerly; alone, its op's backward is never called. Values without metadata count
+    as requiring grad, and an in-place op counts as an output: what it writes is read later
+    through the tensor it wrote to (``k[..., :d] = k_nope``), whose metadata predates the write.
+    """
+    reaches: set = set()
+    for node in reversed(graph.nodes):
+        if node.op == "output" or mutates_in_place(node) or (
+                _requires_grad(node) is not False and any(u in reaches for u in node.users)):
+            reaches.add(node)
+    return reaches
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.ipow, operator.imatmul, operator.iand, operator.ior}
+
+
+def mutates_in_place(node: fx.Node) -> bool:
+    """``t.copy_(v)``, ``t[i] = v``, ``t += v``, ``torch.relu_(t)``, a mutable ATen overload."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _requires_grad(node: fx.Node) -> Optional[bool]:
+    """Whether a node's value (any tensor of a tuple) requires grad; None without metadata."""
+    val = meta_value(node)
+    if val is None:
+        return None
+    values = val if isinstance(val, (list, tuple)) else (val,)
+    return any(bool(getattr(v, "requires_grad", False)) for v in values if is_tensor_value(v))
 
 
 def _priced(sites, choices, chosen, options, notes) -> Optional[SiteGroup]:
