@@ -135,7 +135,8 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
         return groups
     graphs = list(dict.fromkeys(s.add.graph for s in sites))
     order = {node: k for graph in graphs for k, node in enumerate(graph.nodes)}
-    gradient_reaches = set().union(*(gradient_reaches_outputs(graph) for graph in graphs))
+    # export's values say requires_grad=False after the parameters: only Dynamo's can be read
+    gradient_reaches = {graph: gradient_reaches_outputs(graph) for graph in graphs if _tracks_requires_grad(graph)}
     by_x: dict = {}
     for j, site in enumerate(sites):
         by_x.setdefault(site.x, []).append(j)
@@ -144,7 +145,9 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
             continue
         pending = []
         for j in members:
-            why = can_group(sites[j], choices[j]) or _gets_no_gradient(sites[j], gradient_reaches)
+            why = can_group(sites[j], choices[j])
+            if why is None and sites[j].add.graph in gradient_reaches:
+                why = _gets_no_gradient(sites[j], gradient_reaches[sites[j].add.graph])
             if why is None:
                 pending.append(j)
             else:
@@ -223,6 +226,12 @@ def mutates_in_place(node: fx.Node) -> bool:
         return bool(schema.is_mutable)
     name = getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.startswith("_")
+
+
+def _tracks_requires_grad(graph: fx.Graph) -> bool:
+    """Whether the values' metadata follows autograd: some computed value requires grad."""
+    return any(node.op in ("call_function", "call_method", "call_module") and _requires_grad(node)
+               for node in graph.nodes)
 
 
 def _requires_grad(node: fx.Node) -> Optional[bool]:
