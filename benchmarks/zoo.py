@@ -27,7 +27,8 @@ processes, or TORCHINDUCTOR_CACHE_DIR when set):
    pre-hooks on every peft ``LoraLayer``: the layers the step reaches.
 4. The same step through ``torch.compile(model, backend=runlora_fx.make_backend())``; loss and
    every LoRA grad compared with eager as max|a-b| / max(max|b|, 1e-6) <= 1e-4 (fp32).
-5. When runlora crashes or is wrong, the same step through plain ``torch.compile(model)``.
+5. When runlora crashes or is wrong, the same step through plain ``torch.compile(model)``; when
+   the runlora stage kills the process (a signal), plain inductor in a second process.
 
 Verdicts: full (every LoRA layer the step reaches is rewritten), partial (some), none, wrong
 (loss or a grad beyond tolerance), crash (compiling or running under runlora raised), timeout,
@@ -526,8 +527,11 @@ def origin(exc: BaseException) -> str:
 # One model (the child process)
 
 
-def run_one(entry: str, json_path: Optional[str]) -> dict:
-    """Builds, steps and compares one entry; writes the result after every stage."""
+def run_one(entry: str, json_path: Optional[str], inductor_only: bool = False) -> dict:
+    """Builds, steps and compares one entry; writes the result after every stage.
+
+    ``inductor_only``: the eager and plain-inductor steps alone (the sweep asks for it when the
+    runlora stage killed the process: a crash of inductor's own code, or of the rewrite?)."""
     start = time.perf_counter()
     task, model_type = entry.split("/", 1)
     result = {"entry": entry, "task": task, "model_type": model_type, "stage": "start"}
@@ -547,14 +551,14 @@ def run_one(entry: str, json_path: Optional[str]) -> dict:
         result.setdefault("traceback", {})[stage] = traceback.format_exc().splitlines()[-25:]
 
     try:
-        _run_stages(task, model_type, result, save, fail)
+        _run_stages(task, model_type, result, save, fail, inductor_only)
     finally:
         result["verdict"], result["note"] = decide(result)
         save("done")
     return result
 
 
-def _run_stages(task: str, model_type: str, result: dict, save, fail) -> None:
+def _run_stages(task: str, model_type: str, result: dict, save, fail, inductor_only: bool = False) -> None:
     import runlora_fx
 
     save("config")
@@ -590,19 +594,20 @@ def _run_stages(task: str, model_type: str, result: dict, save, fail) -> None:
     reached = list(dict.fromkeys(reached))
     result["n_reached"] = len(reached)
 
-    save("runlora")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    backend = runlora_fx.make_backend()
-    try:
-        got = train_step(torch.compile(copy.deepcopy(pristine), backend=backend), task, config)
-        result["max_rel_err"], result["where"] = compare(got, want)
-    except Exception as e:  # noqa: BLE001
-        fail("runlora_error", "runlora", e)
-    _record_coverage(result, reached, backend.reports)
-    result["missed_kinds"] = dict(collections.Counter(kinds[n] for n in result["missed"]))
+    if not inductor_only:
+        save("runlora")
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        backend = runlora_fx.make_backend()
+        try:
+            got = train_step(torch.compile(copy.deepcopy(pristine), backend=backend), task, config)
+            result["max_rel_err"], result["where"] = compare(got, want)
+        except Exception as e:  # noqa: BLE001
+            fail("runlora_error", "runlora", e)
+        _record_coverage(result, reached, backend.reports)
+        result["missed_kinds"] = dict(collections.Counter(kinds[n] for n in result["missed"]))
 
-    if result.get("runlora_error") or not result.get("max_rel_err", 0.0) <= RTOL:
+    if inductor_only or result.get("runlora_error") or not result.get("max_rel_err", 0.0) <= RTOL:
         save("inductor")
         torch._dynamo.reset()
         try:
@@ -650,12 +655,29 @@ def child_env(cache_dir: str) -> dict:
     return env
 
 
-def run_child(entry: str, timeout: float, cache_dir: str) -> dict:
+def run_entry(entry: str, timeout: float, cache_dir: str) -> dict:
+    """One entry in its own process. When the runlora stage kills the process (a signal, not
+    an exception), a second process runs plain inductor alone: if it dies or fails too, the
+    entry is n/a (inductor's own code crashes), else the crash is the rewrite's."""
+    result = run_child(entry, timeout, cache_dir)
+    if result["verdict"] != "crash" or result.get("stage") != "runlora":
+        return result
+    plain = run_child(entry, timeout, cache_dir, inductor_only=True)
+    result["seconds"] += plain["seconds"]
+    if plain.get("stage") != "done" or plain.get("inductor_error"):
+        result.update(verdict="n/a", note=f"inductor fails too: {plain.get('inductor_error') or plain['note']}")
+    else:
+        result["note"] += " (plain inductor runs this step)"
+    return result
+
+
+def run_child(entry: str, timeout: float, cache_dir: str, inductor_only: bool = False) -> dict:
     """``--one entry`` in a new process (its own process group, killed whole on timeout)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zoo_") as tmp:
         out = os.path.join(tmp, "result.json")
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--one", entry, "--json", out],
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--one", entry, "--json", out]
+                                + (["--inductor-only"] if inductor_only else []),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env=child_env(cache_dir), start_new_session=True)
         try:
@@ -686,7 +708,7 @@ def run_all(entries: Sequence[str], *, jobs: int, timeout: float, on_result) -> 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="zoo_inductor_") as cache_dir, \
             concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_child, e, timeout, cache_dir): e for e in entries}
+        futures = {pool.submit(run_entry, e, timeout, cache_dir): e for e in entries}
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             results[r["entry"]] = r
@@ -786,6 +808,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--md", help="write the markdown page here")
     parser.add_argument("--list", action="store_true", help="print the selected entries and exit")
     parser.add_argument("--one", metavar="TASK/MODEL_TYPE", help="run one entry in this process (as the sweep's child)")
+    parser.add_argument("--inductor-only", action="store_true",
+                        help="with --one: the eager and plain-inductor steps alone")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine earlier sweeps' --json files (a later file's row wins) into --json / --md")
     return parser.parse_args(argv)
@@ -798,7 +822,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         torch.set_num_threads(1)
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True  # any RNG in the step draws as eager's does
-        return [run_one(args.one, args.json)]
+        return [run_one(args.one, args.json, args.inductor_only)]
     if args.merge:
         results, env, command, not_run = merge(args.merge)
         write_results(results, env, command, not_run, json_path=args.json, md_path=args.md)

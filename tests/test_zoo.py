@@ -194,6 +194,33 @@ def sweep_file(path, rows, *, date, transformers="5.25.0", command="python bench
     return str(path)
 
 
+@pytest.mark.parametrize("plain, verdict", [
+    ({"stage": "inductor", "verdict": "crash", "note": "process exited -6 in the inductor stage"}, "n/a"),
+    ({"stage": "done", "verdict": "none", "inductor_error": "wrong too (max rel err 1e-2 at loss)"}, "n/a"),
+    ({"stage": "done", "verdict": "none"}, "crash"),
+])
+def test_a_process_killed_in_the_runlora_stage_is_retried_with_plain_inductor(zoo, monkeypatch, plain, verdict):
+    killed = {"stage": "runlora", "verdict": "crash", "note": "process exited -11 in the runlora stage", "seconds": 9}
+    calls = []
+
+    def fake_child(entry, timeout, cache_dir, inductor_only=False):
+        calls.append(inductor_only)
+        return dict(plain, seconds=1) if inductor_only else dict(killed)
+
+    monkeypatch.setattr(zoo, "run_child", fake_child)
+    result = zoo.run_entry("causal-lm/x", 10, "/tmp")
+
+    assert calls == [False, True] and result["verdict"] == verdict and result["seconds"] == 10
+    assert ("inductor fails too" in result["note"]) == (verdict == "n/a"), result["note"]
+
+
+def test_an_exception_in_the_runlora_stage_is_not_retried(zoo, monkeypatch):
+    calls = []
+    monkeypatch.setattr(zoo, "run_child", lambda *a, **k: calls.append(k) or
+                        {"stage": "done", "verdict": "crash", "note": "RuntimeError", "seconds": 1})
+    assert zoo.run_entry("causal-lm/x", 10, "/tmp")["verdict"] == "crash" and len(calls) == 1
+
+
 def test_merge_keeps_the_later_row_orders_by_mapping_and_lists_what_was_not_run(zoo, tmp_path):
     row = lambda entry, verdict: {"entry": entry, "verdict": verdict}  # noqa: E731
     first = sweep_file(tmp_path / "a.json", [row("masked-lm/bert", "full"), row("causal-lm/openai-gpt", "partial")],
