@@ -115,6 +115,9 @@ SIZE_RULES = [(re.compile(p), v) for p, v in [
     (r"^image_size$", IMAGE),
     (r"^patch_size$", PATCH),
 ]]
+# Sizes some configs leave None by default although their model reads them (hunyuan's head_dim,
+# deepseek_v2's top-k, dots1's expert count): set to the tiny value.
+FILL_WHEN_NONE = re.compile(r"^head_dim$|^(num_(local_)?experts|n_routed_experts)$|experts_per_tok(en)?$")
 DROPOUT = re.compile(r"dropout|drop_prob|drop_rate|drop_path|layerdrop|pdrop|jitter")
 TOKEN_ID = re.compile(r"_token_id$|_token_index$|_token_ids$")
 LAYER_COUNT = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
@@ -231,6 +234,8 @@ def _shrink_value(key: str, value, config: dict):
     """The tiny value of one attribute, or None to leave it."""
     if isinstance(value, float) and DROPOUT.search(key):
         return 0.0
+    if value is None and FILL_WHEN_NONE.search(key):
+        return next(tiny for pattern, tiny in SIZE_RULES if pattern.search(key))
     if isinstance(value, bool) or not isinstance(value, int) or TOKEN_ID.search(key):
         return None
     for pattern, tiny in SIZE_RULES:

@@ -55,6 +55,15 @@ def test_shrink_never_grows_and_leaves_flags_alone(zoo):
     assert zoo.shrink(config) == {}
 
 
+def test_shrink_fills_sizes_a_config_leaves_none_but_its_model_reads(zoo):
+    config = {**llama_dict(), "head_dim": None, "num_experts_per_tok": None, "n_routed_experts": None,
+              "sliding_window": None}
+    changes = zoo.shrink(config)
+    assert (changes["head_dim"], changes["num_experts_per_tok"], changes["n_routed_experts"]) == (
+        zoo.HEAD_DIM, zoo.TOP_K, zoo.EXPERTS)
+    assert "sliding_window" not in changes
+
+
 def test_shrink_cuts_per_layer_lists_and_recurses_into_sub_configs(zoo):
     text = {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "num_hidden_layers": 3,
             "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], "hidden_dropout": 0.1}
