@@ -116,8 +116,8 @@ SIZE_RULES = [(re.compile(p), v) for p, v in [
     (r"^patch_size$", PATCH),
 ]]
 # Sizes some configs leave None by default although their model reads them (hunyuan's head_dim,
-# deepseek_v2's top-k, dots1's expert count): set to the tiny value.
-FILL_WHEN_NONE = re.compile(r"^head_dim$|^(num_(local_)?experts|n_routed_experts)$|experts_per_tok(en)?$")
+# deepseek_v2's top-k, dots1's expert count, esm's vocabulary): set to the tiny value.
+FILL_WHEN_NONE = re.compile(r"^head_dim$|^(num_(local_)?experts|n_routed_experts)$|experts_per_tok(en)?$|^vocab_size$")
 DROPOUT = re.compile(r"dropout|drop_prob|drop_rate|drop_path|layerdrop|pdrop|jitter")
 TOKEN_ID = re.compile(r"_token_id$|_token_index$|_token_ids$")
 LAYER_COUNT = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
@@ -287,30 +287,44 @@ def tiny_config(task: str, model_type: str):
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    changes = {**_init_kwargs(type(default), shrink(default.to_dict())), **OVERRIDES.get(model_type, {})}
+    original = default.to_dict()
+    changes = {**_init_kwargs(type(default), shrink(original), original), **OVERRIDES.get(model_type, {})}
     config = AutoConfig.for_model(model_type, **changes)
     if task == "seq2seq" and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0  # labels shift right with it
     return config
 
 
-def _init_kwargs(config_class, changes: dict) -> dict:
+def _init_kwargs(config_class, changes: dict, original: Optional[dict] = None) -> dict:
     """The changes a config class takes as arguments; sub-config dicts likewise, by their model_type.
 
-    Attributes the class derives (DeepSeek's qk_head_dim = qk_nope_head_dim + qk_rope_head_dim)
-    are left out, so the rebuilt config derives them again from the shrunk arguments.
+    Attributes the class derives are left out, so the rebuilt config derives them again from
+    the shrunk arguments: those it takes no argument for (DeepSeek's qk_head_dim), and the
+    dataclass fields that default to None but hold a value in ``original`` (LongCat's
+    qk_head_dim = qk_nope_head_dim + qk_rope_head_dim, Llama's head_dim).
     """
     from transformers import CONFIG_MAPPING
 
+    original = original or {}
     keys = _init_keys(config_class)
+    derived = _derived_fields(config_class, original)
     kwargs = {}
     for key, value in changes.items():
-        if keys is not None and key not in keys:
+        if (keys is not None and key not in keys) or key in derived:
             continue
         if isinstance(value, dict) and value.get("model_type") in CONFIG_MAPPING:
-            value = {**_init_kwargs(CONFIG_MAPPING[value["model_type"]], value), "model_type": value["model_type"]}
+            sub = original.get(key) if isinstance(original.get(key), dict) else {}
+            value = {**_init_kwargs(CONFIG_MAPPING[value["model_type"]], value, sub), "model_type": value["model_type"]}
         kwargs[key] = value
     return kwargs
+
+
+def _derived_fields(config_class, original: dict) -> set:
+    """Dataclass fields that default to None and hold a value in ``original``: set in __post_init__."""
+    if not dataclasses.is_dataclass(config_class):
+        return set()
+    return {f.name for f in dataclasses.fields(config_class)
+            if f.init and f.default is None and original.get(f.name) is not None}
 
 
 def _init_keys(config_class) -> Optional[set]:
