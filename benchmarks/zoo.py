@@ -116,8 +116,9 @@ SIZE_RULES = [(re.compile(p), v) for p, v in [
     (r"^patch_size$", PATCH),
 ]]
 # Sizes some configs leave None by default although their model reads them (hunyuan's head_dim,
-# deepseek_v2's top-k, dots1's expert count, esm's vocabulary): set to the tiny value.
-FILL_WHEN_NONE = re.compile(r"^head_dim$|^(num_(local_)?experts|n_routed_experts)$|experts_per_tok(en)?$|^vocab_size$")
+# deepseek_v2's top-k, dots1's shared experts, esm's vocabulary): set to the tiny value.
+FILL_WHEN_NONE = re.compile(r"^head_dim$|^(num_(local_)?experts|n_routed_experts)$|experts_per_tok(en)?$|shared_experts$"
+                            r"|^vocab_size$")
 DROPOUT = re.compile(r"dropout|drop_prob|drop_rate|drop_path|layerdrop|pdrop|jitter")
 TOKEN_ID = re.compile(r"_token_id$|_token_index$|_token_ids$")
 LAYER_COUNT = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
