@@ -676,10 +676,13 @@ def child_env(cache_dir: str) -> dict:
 
 
 def run_entry(entry: str, timeout: float, cache_dir: str) -> dict:
-    """One entry in its own process. When the runlora stage kills the process (a signal, not
-    an exception), a second process runs plain inductor alone: if it dies or fails too, the
-    entry is n/a (inductor's own code crashes), else the crash is the rewrite's."""
+    """One entry in its own process. A process that dies or times out before any compile (the
+    tiny model too big for memory: exit -9) is n/a. When the runlora stage kills the process (a
+    signal, not an exception), a second process runs plain inductor alone: if it dies or fails
+    too, the entry is n/a (inductor's own code crashes), else the crash is the rewrite's."""
     result = run_child(entry, timeout, cache_dir)
+    if result["verdict"] in ("crash", "timeout") and result.get("stage", "start") in ("start", "config", "model", "eager"):
+        result.update(verdict="n/a", note=f"before any compile: {result['note']}")  # -9: out of memory
     if result["verdict"] != "crash" or result.get("stage") != "runlora":
         return result
     plain = run_child(entry, timeout, cache_dir, inductor_only=True)

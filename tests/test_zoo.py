@@ -223,6 +223,14 @@ def test_a_process_killed_in_the_runlora_stage_is_retried_with_plain_inductor(zo
     assert ("inductor fails too" in result["note"]) == (verdict == "n/a"), result["note"]
 
 
+@pytest.mark.parametrize("stage", ["model", "eager"])
+def test_a_process_killed_before_any_compile_is_not_applicable(zoo, monkeypatch, stage):
+    monkeypatch.setattr(zoo, "run_child", lambda *a, **k: {"stage": stage, "verdict": "crash", "seconds": 1,
+                                                           "note": f"process exited -9 in the {stage} stage"})
+    result = zoo.run_entry("causal-lm/x", 10, "/tmp")
+    assert result["verdict"] == "n/a" and result["note"].startswith("before any compile: process exited -9")
+
+
 def test_an_exception_in_the_runlora_stage_is_not_retried(zoo, monkeypatch):
     calls = []
     monkeypatch.setattr(zoo, "run_child", lambda *a, **k: calls.append(k) or
