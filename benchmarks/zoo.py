@@ -321,11 +321,12 @@ def _init_kwargs(config_class, changes: dict, original: Optional[dict] = None) -
 
 
 def _derived_fields(config_class, original: dict) -> set:
-    """Dataclass fields that default to None and hold a value in ``original``: set in __post_init__."""
+    """Int dataclass fields that default to None and hold a value in ``original``: sizes set in
+    __post_init__ (sub-configs, also None by default, are built there too, and shrunk)."""
     if not dataclasses.is_dataclass(config_class):
         return set()
-    return {f.name for f in dataclasses.fields(config_class)
-            if f.init and f.default is None and original.get(f.name) is not None}
+    return {f.name for f in dataclasses.fields(config_class) if f.init and f.default is None
+            and isinstance(original.get(f.name), int) and not isinstance(original.get(f.name), bool)}
 
 
 def _init_keys(config_class) -> Optional[set]:

@@ -55,6 +55,17 @@ def test_shrink_never_grows_and_leaves_flags_alone(zoo):
     assert zoo.shrink(config) == {}
 
 
+@pytest.mark.parametrize("model_type, sub", [("t5gemma", "encoder"), ("qwen2_audio", "text_config")])
+def test_tiny_config_shrinks_sub_configs(zoo, model_type, sub):
+    config = getattr(zoo.tiny_config("seq2seq", model_type), sub)
+    assert (config.hidden_size, config.num_hidden_layers) == (zoo.HIDDEN, zoo.LAYERS)
+
+
+def test_tiny_config_derives_a_size_the_class_defaults_to_none(zoo):
+    config = zoo.tiny_config("causal-lm", "longcat_flash")  # qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+    assert config.qk_head_dim == config.qk_nope_head_dim + config.qk_rope_head_dim
+
+
 def test_shrink_fills_sizes_a_config_leaves_none_but_its_model_reads(zoo):
     config = {**llama_dict(), "head_dim": None, "num_experts_per_tok": None, "n_routed_experts": None,
               "sliding_window": None}
