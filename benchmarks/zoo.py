@@ -374,8 +374,10 @@ def lora_layers(model) -> dict:
 def make_batch(task: str, config) -> dict:
     """Random inputs and labels, drawn from torch's global generator (seed first)."""
     if task == "image-classification":
-        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-        pixels = torch.randn(BATCH, getattr(config, "num_channels", 3), *size[-2:])
+        vision = getattr(config, "vision_config", None) or config  # CLIP, SigLIP: the tower's config
+        size = getattr(vision, "image_size", IMAGE)  # convolutional nets take any size
+        size = size if isinstance(size, (list, tuple)) else (size,) * 2
+        pixels = torch.randn(BATCH, getattr(vision, "num_channels", 3), *size[-2:])
         return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (BATCH,))}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     allowed = torch.tensor(sorted(set(range(text.vocab_size)) - special_ids(config)))
