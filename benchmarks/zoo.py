@@ -129,6 +129,8 @@ OVERRIDES: dict = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # The default leaves num_key_value_heads None, which NemotronAttention divides by.
     "nemotron": {"num_key_value_heads": HEADS},
+    # Layers per pooling block (3 x 4 by default, 84 LoRA layers): one per block.
+    "funnel": {"block_sizes": [1, 1, 1]},
 }
 
 VERDICTS = ["full", "partial", "none", "wrong", "crash", "timeout", "n/a"]
