@@ -40,7 +40,7 @@ from ..options import RewriteOptions
 from ..plans import BACKWARD_PLANS, FORWARD_PLANS, parse_plan
 from .build import copy_provenance, erase_dead, value_key, weight_arg
 from .match import LoraSite
-from .nodes import is_tensor_value, meta_value
+from .nodes import meta_value, mutates_in_place, requires_grad
 
 __all__ = ["SiteGroup", "can_group", "can_join", "find_groups", "rewrite_groups"]
 
@@ -183,8 +183,8 @@ def find_groups(sites: list, choices: list, options: RewriteOptions, reports: Op
 def _gets_no_gradient(site: LoraSite, gradient_reaches: set) -> Optional[str]:
     """Why a site's LoRA grads stay None when run eagerly, or None. A group's backward runs for
     its siblings and would hand it zeros, which an optimizer steps on (weight decay, momentum)."""
-    trains = any(_requires_grad(w.weight.node) for w in (site.lora.a, site.lora.b))
-    out = _requires_grad(site.add)
+    trains = any(requires_grad(w.weight.node) for w in (site.lora.a, site.lora.b))
+    out = requires_grad(site.add)
     if trains and out is False:
         return "computed with grad disabled (a no_grad region): its LoRA grads stay None, a group would give zeros"
     if out is True and site.add not in gradient_reaches:
@@ -204,43 +204,15 @@ def gradient_reaches_outputs(graph: fx.Graph) -> set:
     reaches: set = set()
     for node in reversed(graph.nodes):
         if node.op == "output" or mutates_in_place(node) or (
-                _requires_grad(node) is not False and any(u in reaches for u in node.users)):
+                requires_grad(node) is not False and any(u in reaches for u in node.users)):
             reaches.add(node)
     return reaches
 
 
-_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ifloordiv, operator.ipow, operator.imatmul, operator.iand, operator.ior}
-
-
-def mutates_in_place(node: fx.Node) -> bool:
-    """``t.copy_(v)``, ``t[i] = v``, ``t += v``, ``torch.relu_(t)``, a mutable ATen overload."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op != "call_function":
-        return False
-    if node.target in _INPLACE_OPERATORS:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        return bool(schema.is_mutable)
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
-
-
 def _tracks_requires_grad(graph: fx.Graph) -> bool:
     """Whether the values' metadata follows autograd: some computed value requires grad."""
-    return any(node.op in ("call_function", "call_method", "call_module") and _requires_grad(node)
+    return any(node.op in ("call_function", "call_method", "call_module") and requires_grad(node)
                for node in graph.nodes)
-
-
-def _requires_grad(node: fx.Node) -> Optional[bool]:
-    """Whether a node's value (any tensor of a tuple) requires grad; None without metadata."""
-    val = meta_value(node)
-    if val is None:
-        return None
-    values = val if isinstance(val, (list, tuple)) else (val,)
-    return any(bool(getattr(v, "requires_grad", False)) for v in values if is_tensor_value(v))
 
 
 def _priced(sites, choices, chosen, options, notes) -> Optional[SiteGroup]:

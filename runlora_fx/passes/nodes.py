@@ -36,6 +36,8 @@ __all__ = [
     "is_tensor_value",
     "is_view",
     "meta_value",
+    "mutates_in_place",
+    "requires_grad",
     "rows_chain",
     "strip_flatten",
     "view_chain",
@@ -69,6 +71,37 @@ def meta_value(node: Any):
 def is_tensor_value(value: Any) -> bool:
     """A FakeTensor / Tensor, or ShapeProp's TensorMetadata."""
     return isinstance(value, torch.Tensor) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def requires_grad(node: fx.Node) -> Optional[bool]:
+    """Whether a node's value (any tensor of a tuple) requires grad; None without metadata.
+    A front door's mark (``runlora_requires_grad`` on export's lifted parameters) comes first."""
+    if isinstance(node, fx.Node) and "runlora_requires_grad" in node.meta:
+        return bool(node.meta["runlora_requires_grad"])
+    val = meta_value(node)
+    if val is None:
+        return None
+    values = val if isinstance(val, (list, tuple)) else (val,)
+    return any(bool(getattr(v, "requires_grad", False)) for v in values if is_tensor_value(v))
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.ipow, operator.imatmul, operator.iand, operator.ior}
+
+
+def mutates_in_place(node: fx.Node) -> bool:
+    """``t.copy_(v)``, ``t[i] = v``, ``t += v``, ``torch.relu_(t)``, a mutable ATen overload."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 def is_metadata_assert(node: Any) -> bool:
