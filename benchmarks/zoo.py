@@ -28,7 +28,7 @@ processes, or TORCHINDUCTOR_CACHE_DIR when set):
 4. The same step through ``torch.compile(model, backend=runlora_fx.make_backend())``; loss and
    every LoRA grad compared with eager as max|a-b| / max(max|b|, 1e-6) <= 1e-4 (fp32).
 5. When runlora crashes or is wrong, the same step through plain ``torch.compile(model)``; when
-   the runlora stage kills the process (a signal), plain inductor in a second process.
+   the runlora stage kills the process (a signal) or times out, plain inductor in a second process.
 
 Verdicts: full (every LoRA layer the step reaches is rewritten), partial (some), none, wrong
 (loss or a grad beyond tolerance), crash (compiling or running under runlora raised), timeout,
@@ -683,12 +683,13 @@ def child_env(cache_dir: str) -> dict:
 def run_entry(entry: str, timeout: float, cache_dir: str) -> dict:
     """One entry in its own process. A process that dies or times out before any compile (the
     tiny model too big for memory: exit -9) is n/a. When the runlora stage kills the process (a
-    signal, not an exception), a second process runs plain inductor alone: if it dies or fails
-    too, the entry is n/a (inductor's own code crashes), else the crash is the rewrite's."""
+    signal, not an exception) or runs out of time, a second process runs plain inductor alone:
+    if it dies, fails or runs out of time too, the entry is n/a (inductor's own code crashes, or
+    compiles this model that slowly), else the crash or timeout is the rewrite's."""
     result = run_child(entry, timeout, cache_dir)
     if result["verdict"] in ("crash", "timeout") and result.get("stage", "start") in ("start", "config", "model", "eager"):
         result.update(verdict="n/a", note=f"before any compile: {result['note']}")  # -9: out of memory
-    if result["verdict"] != "crash" or result.get("stage") != "runlora":
+    if result["verdict"] not in ("crash", "timeout") or result.get("stage") != "runlora":
         return result
     plain = run_child(entry, timeout, cache_dir, inductor_only=True)
     result["seconds"] += plain["seconds"]

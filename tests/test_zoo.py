@@ -218,8 +218,9 @@ def sweep_file(path, rows, *, date, transformers="5.25.0", command="python bench
     ({"stage": "inductor", "verdict": "crash", "note": "process exited -6 in the inductor stage"}, "n/a"),
     ({"stage": "done", "verdict": "none", "inductor_error": "wrong too (max rel err 1e-2 at loss)"}, "n/a"),
     ({"stage": "done", "verdict": "none"}, "crash"),
+    ({"stage": "inductor", "verdict": "timeout", "note": "after 10 s, in the inductor stage"}, "n/a"),
 ])
-def test_a_process_killed_in_the_runlora_stage_is_retried_with_plain_inductor(zoo, monkeypatch, plain, verdict):
+def test_a_process_killed_or_timed_out_in_the_runlora_stage_is_retried_with_plain_inductor(zoo, monkeypatch, plain, verdict):
     killed = {"stage": "runlora", "verdict": "crash", "note": "process exited -11 in the runlora stage", "seconds": 9}
     calls = []
 
@@ -232,6 +233,14 @@ def test_a_process_killed_in_the_runlora_stage_is_retried_with_plain_inductor(zo
 
     assert calls == [False, True] and result["verdict"] == verdict and result["seconds"] == 10
     assert ("inductor fails too" in result["note"]) == (verdict == "n/a"), result["note"]
+
+
+def test_a_runlora_timeout_is_its_own_when_plain_inductor_finishes(zoo, monkeypatch):
+    timed_out = {"stage": "runlora", "verdict": "timeout", "note": "after 10 s, in the runlora stage", "seconds": 10}
+    monkeypatch.setattr(zoo, "run_child", lambda entry, timeout, cache_dir, inductor_only=False:
+                        {"stage": "done", "verdict": "none", "seconds": 1} if inductor_only else dict(timed_out))
+    result = zoo.run_entry("causal-lm/x", 10, "/tmp")
+    assert result["verdict"] == "timeout" and "plain inductor runs this step" in result["note"]
 
 
 @pytest.mark.parametrize("stage", ["model", "eager"])
