@@ -780,15 +780,17 @@ def merge(paths: Sequence[str]) -> tuple:
 def markdown(results: Sequence[dict], env: dict, command: str, not_run: Sequence[str] = ()) -> str:
     """The zoo page: versions, command, counts per verdict, the headline, one row per model."""
     counts = collections.Counter(r["verdict"] for r in results)
-    works = [r for r in results if r["verdict"] in ("full", "partial", "none", "wrong", "crash")]
+    works = [r for r in results if r["verdict"] in ("full", "partial", "none", "wrong", "crash", "timeout")]
     rows = [{**r, "coverage": _coverage(r), "note": _cell(r.get("note"))} for r in results]
+    # n/a by where the eager side stopped: "tiny config", "model", "peft", "eager step", ...
+    not_applicable = collections.Counter((r.get("note") or "").split(":")[0] for r in results if r["verdict"] == "n/a")
     lines = [
         "# Architecture zoo",
         "",
         f"{env['date']}; transformers {env['transformers']}, torch {env['torch']}, peft {env['peft']};"
         f" {env['cpu']}, 1 thread per model.",
         "",
-        f"`{command}`",
+        "; ".join(f"`{_short_command(c)}`" for c in command.split(" ; ")),
         "",
         "Tiny random-weight models (hidden 64, 2 layers), peft LoRA r=8 on all linear layers, one fp32"
         " training step eager vs `torch.compile(backend=runlora_fx.make_backend())`; see"
@@ -796,6 +798,8 @@ def markdown(results: Sequence[dict], env: dict, command: str, not_run: Sequence
         "",
         "Verdicts: " + ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts[v]) + f" (of {len(results)}).",
         "",
+        *(["n/a, by where it stopped: " + ", ".join(f"{k} {n}" for k, n in not_applicable.most_common()) + ".", ""]
+          if not_applicable else []),
         f"**Every LoRA layer the step reaches rewritten on {counts['full']} of {len(works)} architectures"
         " where eager and plain inductor work.**",
         "",
@@ -808,6 +812,14 @@ def markdown(results: Sequence[dict], env: dict, command: str, not_run: Sequence
                   " mappings were not run: `python benchmarks/zoo.py --only ENTRY` runs any of them.", "",
                   ", ".join(f"`{e}`" for e in not_run), ""]
     return "\n".join(lines)
+
+
+def _short_command(command: str) -> str:
+    """A sweep's command with a long ``--only`` list cut to its count (the JSON keeps it whole)."""
+    def cut(match):
+        names = match.group(1).split(",")
+        return match.group(0) if len(names) <= 8 else f"--only <{len(names)} entries, listed in zoo.json>"
+    return re.sub(r"--only (\S+)", cut, command)
 
 
 def _cell(text: Optional[str], limit: int = 200) -> str:
