@@ -275,6 +275,12 @@ def test_merge_keeps_the_later_row_orders_by_mapping_and_lists_what_was_not_run(
     assert "full 3 (of 3)" in page and f"{len(not_run)} of the {len(not_run) + 3} entries" in page
 
 
+def test_page_cuts_long_entry_lists_to_their_count(zoo):
+    long = "python benchmarks/zoo.py --only " + ",".join(f"causal-lm/m{k}" for k in range(9)) + " --jobs 2"
+    assert zoo._short_command(long) == "python benchmarks/zoo.py --only <9 entries, listed in zoo.json> --jobs 2"
+    assert zoo._short_command("python benchmarks/zoo.py --only llama,bert") == "python benchmarks/zoo.py --only llama,bert"
+
+
 def test_merge_refuses_sweeps_of_different_stacks(zoo, tmp_path):
     old = sweep_file(tmp_path / "a.json", [], date="2026-11-01", transformers="5.17.0")
     new = sweep_file(tmp_path / "b.json", [], date="2026-12-01")
