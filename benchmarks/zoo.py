@@ -866,6 +866,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         return [run_one(args.one, args.json, args.inductor_only)]
     if args.merge:
         results, env, command, not_run = merge(args.merge)
+        command += " ; python " + " ".join(["benchmarks/zoo.py"] + list(sys.argv[1:] if argv is None else argv))
         write_results(results, env, command, not_run, json_path=args.json, md_path=args.md)
         return results
     entries = select(SAMPLE if args.sample else list_entries(), args.only)
