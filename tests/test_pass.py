@@ -240,17 +240,22 @@ def test_a_non_bias_add_is_not_read_as_the_bias():
 
 
 def test_gpt2_conv1d_addmm_base():
-    from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=32)
-    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                            fan_in_fan_out=True))
+    assert_same_training(peft_conv1d(GPT2LMHeadModel(cfg)), lm_inputs, lm_loss, expect_sites=8, steps=2)
+
+
+def peft_conv1d(model):
+    """peft LoRA r=4 on a GPT-style model's Conv1D layers, lora_B nonzero."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.05)
-    assert_same_training(model, lm_inputs, lm_loss, expect_sites=8, steps=2)
+    return model
 
 
 class MergedHeadsConv1DLoRA(nn.Module):
@@ -280,18 +285,12 @@ def test_conv1d_base_on_merged_heads_reads_x_before_the_head_split():
 
 
 def test_openai_gpt_conv1d_every_site_rewritten():
-    from peft import LoraConfig, get_peft_model
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
     torch.manual_seed(0)
     cfg = OpenAIGPTConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=32,
                           attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    model = get_peft_model(OpenAIGPTLMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                                 fan_in_fan_out=True))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.05)
-    assert_same_training(model, lm_inputs, lm_loss, expect_sites=8, steps=2)
+    assert_same_training(peft_conv1d(OpenAIGPTLMHeadModel(cfg)), lm_inputs, lm_loss, expect_sites=8, steps=2)
 
 
 def test_bf16_adapters_relative_norm_error():
